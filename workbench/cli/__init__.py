@@ -1,0 +1,66 @@
+"""Command line: ``python -m workbench <command>``.
+
+Each submodule of this package registers one group of commands with
+:func:`command`; they are discovered automatically, so a new group is a new
+file. Commands are thin wrappers over library functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import WorkbenchError
+
+Handler = Callable[[argparse.Namespace], int]
+Setup = Callable[[argparse.ArgumentParser], None]
+_COMMANDS: dict[str, tuple[str, Setup, Handler]] = {}
+
+
+def command(name: str, help: str, setup: Setup | None = None) -> Callable[[Handler], Handler]:
+    """Register ``handler`` as ``python -m workbench <name>``; ``setup`` adds its arguments."""
+
+    def register(handler: Handler) -> Handler:
+        _COMMANDS[name] = (help, setup or (lambda parser: None), handler)
+        return handler
+
+    return register
+
+
+def common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=None, help="hub id, local folder or 'tiny-random' (default: embedded SmolLM2-135M-Instruct)")
+    common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    common.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    return common
+
+
+def load(args: argparse.Namespace):
+    """The model named by the common options."""
+    from ..loading import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    parser = argparse.ArgumentParser(prog="python -m workbench", description="SelfControl workbench: steer and study LLM behaviour with suffix gradients")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = common_options()
+    for name, (help_text, setup, _) in _COMMANDS.items():
+        setup(sub.add_parser(name, parents=[common], help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command][2](args)
+    except WorkbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
