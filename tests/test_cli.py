@@ -10,7 +10,7 @@ def run(*args):
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for name in ("info", "chat"):
+    for name in ("info", "chat", "control", "demo"):
         assert name in out.stdout
 
 
@@ -31,3 +31,20 @@ def test_chat_json_on_tiny_model():
     out = run("chat", "--model", "tiny-random", "--prompt", "hello", "--max-new-tokens", "4", "--json")
     assert out.returncode == 0, out.stderr
     assert set(json.loads(out.stdout)) == {"prompt", "response", "seconds"}
+
+
+def test_control_json_on_tiny_model(tmp_path):
+    out = run("control", "--model", "tiny-random", "--task", "angry2peaceful", "--prompt", "Hi", "--iterations", "1",
+              "--n-steps", "2", "--max-new-tokens", "4", "--json", "--save", str(tmp_path / "ctl"))
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    for key in ("task", "prompt", "original_response", "controlled_response", "initial_score", "final_score",
+                "iterations_accepted", "seconds"):
+        assert key in data
+    assert data["final_score"] >= data["initial_score"]
+    assert (tmp_path / "ctl" / "config.json").is_file()
+
+
+def test_control_with_unknown_task_is_a_clear_error():
+    out = run("control", "--model", "tiny-random", "--task", "nope", "--prompt", "Hi", "--json")
+    assert out.returncode == 2 and "unknown task" in out.stderr

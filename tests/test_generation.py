@@ -95,3 +95,9 @@ def test_embedded_cached_generation_matches_uncached(embedded):
     uncached = embedded.generate(prompts, max_new_tokens=24, use_cache=False)
     assert cached.tokens == uncached.tokens
     assert all(len(t) > 3 for t in cached.tokens)
+
+
+def test_head_ids_sit_before_the_padding():
+    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0, device=torch.device("cpu"), head=[9, 9])
+    assert ids.tolist() == [[9, 9, 5, 6, 7], [9, 9, 0, 0, 8]]
+    assert positions(mask).tolist() == [[0, 1, 2, 3, 4], [0, 1, 1, 1, 2]]

@@ -40,16 +40,23 @@ class Generation:
 
 
 def left_pad(
-    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
+    prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device, head: Sequence[int] = ()
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
-    """Left-pad prompts to one length; return ids and the 0/1 attention mask."""
+    """Left-pad prompts to one length; return ids and the 0/1 attention mask.
+
+    ``head`` ids go before the padding, at positions ``[0, len(head))`` of every row.
+    """
     width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    n = len(head)
+    ids = torch.full((len(prompts), n + width), pad_id, dtype=torch.long, device=device)
     mask = torch.zeros_like(ids)
+    if n:
+        ids[:, :n] = torch.as_tensor(list(head), device=device)
+        mask[:, :n] = 1
     for row, prompt in enumerate(prompts):
         if len(prompt):
-            ids[row, width - len(prompt):] = torch.as_tensor(list(prompt), device=device)
-            mask[row, width - len(prompt):] = 1
+            ids[row, n + width - len(prompt):] = torch.as_tensor(list(prompt), device=device)
+            mask[row, n + width - len(prompt):] = 1
     return ids, mask
 
 
@@ -127,9 +134,9 @@ def generate(
     if branches < 1:
         raise InputError("branches must be at least 1")
     for p in prompts:
-        model.check_length(len(p), max_new_tokens)
+        model.check_length(len(model.prefix_ids) + len(p), max_new_tokens)
     device = model.device
-    ids, mask = left_pad(prompts, model.pad_token_id, device)
+    ids, mask = left_pad(prompts, model.pad_token_id, device, head=model.prefix_ids)
     generator = None
     if do_sample:
         generator = torch.Generator(device=device)

@@ -41,6 +41,10 @@ class HookedChatModel:
     source: str = ""
     cache_path: str | None = None
     extra: dict = field(default_factory=dict)
+    # Ids placed at the very start of every generated row, before any left padding, so
+    # they sit at positions [0, len) in every row; a prefix controller sets these to
+    # placeholders whose embeddings its hooks replace (see prefix.py).
+    prefix_ids: list[int] = field(default_factory=list)
 
     # ---- sizes -------------------------------------------------------
     @property
