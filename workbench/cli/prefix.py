@@ -1,0 +1,108 @@
+"""``synthesize``, ``train-prefix`` and ``generate``: the prefix controller from data to use."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from . import command, load
+from .control import add_search_options, search_config
+
+
+def _layers(text: str | None) -> list[int] | None:
+    return None if text in (None, "", "all") else [int(x) for x in text.split(",")]
+
+
+def _synthesize_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="task id (see data/tasks) or a task JSON file")
+    parser.add_argument("--split", default="train", help="the task's prompt split to run on (default: train)")
+    parser.add_argument("--out", required=True, help="data folder (resumable: a rerun skips finished prompts)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the split")
+    add_search_options(parser)
+
+
+@command("synthesize", "run SelfControl on a task's prompts and store controlled hidden states (resumable)", _synthesize_args)
+def synthesize_cmd(args: argparse.Namespace) -> int:
+    from ..synthesis import read_index, synthesize
+
+    model = load(args)
+    folder = synthesize(model, args.task, args.split, args.out, limit=args.limit, config=search_config(args),
+                        progress=not args.json)
+    entries, _ = read_index(folder)
+    gains = [e["gain"] for e in entries]
+    summary = {"out": str(folder), "records": len(entries), "improved": sum(g > 0 for g in gains),
+               "mean_gain": sum(gains) / len(gains) if gains else None}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['records']} records in {folder}; score improved on {summary['improved']}; "
+              f"mean gain {summary['mean_gain']:+.4f}")
+    return 0
+
+
+def _train_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="folder written by `synthesize`")
+    parser.add_argument("--out", required=True, help="folder to save the controller (safetensors + JSON)")
+    parser.add_argument("--n-tokens", type=int, default=2, help="number of virtual tokens (on SmolLM2-135M more tokens disturbed the prompt's states more)")
+    parser.add_argument("--layers", default=None, help="comma-separated layers the loss looks at (default: all)")
+    parser.add_argument("--residual-layers", default="", help="layers with trainable residual vectors at the prefix ('all', or comma-separated; default none)")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-shift-fraction", type=float, default=0.5, help="drop records whose hidden states moved more than this fraction of their norm (any layer)")
+    parser.add_argument("--keep-no-gain", action="store_true", help="also train on records whose score did not improve")
+    parser.add_argument("--init-text", default=None, help="initialise the virtual tokens from this text's tokens")
+    parser.add_argument("--loss", choices=["mse", "relative"], default="mse",
+                        help="mse (the paper's) or relative (each position's squared error over its squared norm)")
+
+
+@command("train-prefix", "train a prefix controller on synthesised data and save it", _train_args)
+def train_cmd(args: argparse.Namespace) -> int:
+    from ..prefix import train_prefix
+
+    model = load(args)
+    residual = None if args.residual_layers == "all" else (_layers(args.residual_layers) or [])
+    controller, report = train_prefix(
+        model, args.data, n_tokens=args.n_tokens, layers=_layers(args.layers), residual_layers=residual,
+        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
+        val_fraction=args.val_fraction, seed=args.seed, max_shift_fraction=args.max_shift_fraction,
+        require_gain=not args.keep_no_gain, init_text=args.init_text, loss=args.loss, progress=not args.json,
+    )
+    controller.save(args.out)
+    if args.json:
+        print(json.dumps({"out": args.out, **report.to_dict()}))
+    else:
+        print(report.summary())
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prefix", default=None, help="folder of a saved prefix controller")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+
+
+@command("generate", "answer one prompt, optionally with a saved prefix controller", _generate_args)
+def generate_cmd(args: argparse.Namespace) -> int:
+    from ..prefix import PrefixController
+
+    model = load(args)
+    controller = PrefixController.load(args.prefix, model) if args.prefix else None
+    ids = model.chat_ids(args.prompt)
+    start = time.perf_counter()
+    if controller is None:
+        response = model.generate([ids], max_new_tokens=args.max_new_tokens).texts[0]
+    else:
+        with controller.applied(model):
+            response = model.generate([ids], max_new_tokens=args.max_new_tokens).texts[0]
+    seconds = time.perf_counter() - start
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "response": response, "seconds": round(seconds, 3)}))
+    else:
+        print(f"user> {args.prompt}\n{model.model_id}{' + prefix' if controller else ''}> {response}")
+    return 0
