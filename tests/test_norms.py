@@ -116,7 +116,7 @@ def test_no_prompts_is_an_input_error(tiny):
 @pytest.mark.embedded
 def test_gradient_norms_fall_with_depth_on_the_embedded_model(embedded, tmp_path):
     """Measured on 15 prompts of the 5 emotion tasks: layers 0-4 have 15-24x the gradient norm of layers 20-27."""
-    config = SelfControlConfig(iterations=1, n_steps=2, max_new_tokens=12, progress=False)
+    config = SelfControlConfig(iterations=1, n_steps=1, max_new_tokens=8, progress=False)
     p = analyze_norms("angry2peaceful", model=embedded, n_prompts=1, config=config, cache_root=tmp_path, progress=False)
     g = p.measures["grad"][0]
     assert g[:5].mean() > 8 * g[20:28].mean()

@@ -196,8 +196,7 @@ def plot_layer_ablation(ablations: LayerAblation | Sequence[LayerAblation]) -> F
     fig, axes = plotting.figure(1, 2, width=4.6, height=3.4)
     ax = axes[0, 0]
     v = max(1e-6, float(np.nanmax(np.abs(gains))))
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#b0b0b0")  # windows not run
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#b0b0b0")  # grey: windows not run
     img = ax.imshow(np.ma.masked_invalid(gains), aspect="auto", origin="lower", cmap=cmap, vmin=-v, vmax=v)
     ax.grid(False)
     ax.set_xticks(range(len(starts)))
