@@ -177,7 +177,7 @@ def test_embedded_methods_change_the_answer_and_leave_the_model_clean(embedded):
     the greedy answer, and `none` afterwards is bit-identical to `none` before."""
     dec = Decoding(max_new_tokens=16)
     none = run_isolated(embedded, NoControl(), TASK, PROMPT, dec).response_ids
-    method = RepeAddition(n_pairs=8)
+    method = RepeAddition(n_pairs=6)
     method.prepare(embedded, TASK, dec, state={"coefficient": 0.1})
     assert run_isolated(embedded, method, TASK, PROMPT, dec).response_ids != none
     assert run_isolated(embedded, PromptInstruction(), TASK, PROMPT, dec).response_ids != none

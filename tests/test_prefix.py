@@ -162,3 +162,14 @@ def test_relative_loss_trains_on_relative_error(tiny, tiny_data):
 def test_training_refuses_when_everything_is_filtered(tiny, tiny_data):
     with pytest.raises(InputError, match="no record passes"):
         train_prefix(tiny, tiny_data, max_shift_fraction=-1.0, require_gain=False, progress=False)
+
+
+@pytest.mark.embedded
+def test_trained_prefix_beats_no_prefix_on_embedded(embedded, tmp_path):
+    # one search iteration (4 step sizes in one batch) on 4 prompts: about a minute on 2 free cores
+    config = SelfControlConfig(iterations=1, max_new_tokens=12, progress=False)
+    data = synthesize(embedded, "angry2peaceful", "train", tmp_path / "data", limit=4, config=config, progress=False)
+    _, report = train_prefix(embedded, data, n_tokens=1, epochs=6, lr=1e-3, batch_size=4, val_fraction=0.34,
+                             max_shift_fraction=0.7, progress=False)
+    assert report.n_kept >= 2 and report.n_val >= 1, report.summary()
+    assert report.best_val_mse < report.baseline_val_mse, report.summary()
