@@ -19,7 +19,7 @@ import torch
 import workbench as wb
 from analyses.common import base_parser, out_dir, timed
 from workbench.search import self_control
-from workbench.suffix import suffix_gradients
+from workbench.suffix import score_responses, suffix_gradients
 from workbench.tasks import get_task
 
 
@@ -56,11 +56,24 @@ def main() -> None:
         with control.applied(model):
             model.generate([prompt], max_new_tokens=n, stop_at_eos=False)
 
+    candidates = wb.Control.stack([control * (2.0**k) for k in range(5)])
+
+    def five_candidates():
+        with candidates.applied(model):
+            model.generate([prompt] * 5, max_new_tokens=n, stop_at_eos=False)
+
+    five = model.generate([prompt] * 5, max_new_tokens=n, stop_at_eos=False).tokens
+
+    def score_five():
+        score_responses(model, [prompt], five, suffixes)
+
     rows: dict = {"model": model.model_id, "device": str(model.device), "threads": torch.get_num_threads()}
     rows["forward_s"] = timed(forward, args.repeats)
     rows["gradient_s"] = timed(gradient, args.repeats)
     rows["plain_generate_s"] = timed(plain, args.repeats)
     rows["controlled_generate_s"] = timed(controlled, args.repeats)
+    rows["five_candidates_generate_s"] = timed(five_candidates, args.repeats)
+    rows["score_five_s"] = timed(score_five, args.repeats)
     loop = []
     for text in prompts:
         result = self_control(model, text, task, iterations=3, n_steps=5, branches=1, max_new_tokens=n, progress=False)
@@ -71,6 +84,10 @@ def main() -> None:
     rows["loop"] = loop
     rows["gradient_over_forward"] = rows["gradient_s"] / rows["forward_s"]
     rows["controlled_over_plain"] = rows["controlled_generate_s"] / rows["plain_generate_s"]
+    rows["five_candidates_over_plain"] = rows["five_candidates_generate_s"] / rows["plain_generate_s"]
+    rows["score_five_over_plain"] = rows["score_five_s"] / rows["plain_generate_s"]
+    # a loop that runs every iteration generates the original once and 5 candidates per iteration
+    rows["generation_floor_3_iterations"] = 1 + 3 * rows["five_candidates_over_plain"]
     rows["loop_over_plain_mean"] = statistics.mean(r["ratio"] for r in loop)
     rows["score_before_mean"] = statistics.mean(r["initial_score"] for r in loop)
     rows["score_after_mean"] = statistics.mean(r["final_score"] for r in loop)
@@ -80,6 +97,9 @@ def main() -> None:
           f"   [{rows['gradient_s']:.3f} s / {rows['forward_s']:.3f} s]")
     print(f"controlled / plain {n}-token generation     : {rows['controlled_over_plain']:.2f}x  (target <= 1.1x)"
           f"   [{rows['controlled_generate_s']:.2f} s / {rows['plain_generate_s']:.2f} s]")
+    print(f"5 candidates in one batch / plain generation : {rows['five_candidates_over_plain']:.2f}x"
+          f"   scoring them / plain generation: {rows['score_five_over_plain']:.2f}x")
+    print(f"generation alone in a 3-iteration loop      : {rows['generation_floor_3_iterations']:.1f}x  (the floor on this device)")
     for r in loop:
         print(f"  loop {r['ratio']:5.1f}x plain  score {r['initial_score']:.4f} -> {r['final_score']:.4f}  "
               f"accepted {r['iterations_accepted']}  changed {r['response_changed']}  | {r['prompt'][:50]}")

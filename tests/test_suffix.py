@@ -110,6 +110,30 @@ def test_scores_batch_and_weights(tiny):
     assert torch.isinf(score_responses(tiny, [prompt], [[]], suffixes).nll).all()
 
 
+def _reference_score_and_nll(model, prompt, response, suffix):
+    """One full forward of the hook-free HF twin, no cache: the numbers score_responses must give."""
+    with torch.no_grad():
+        logits = model.decoder(torch.tensor([prompt + response + list(suffix.ids)])).logits[0].float()
+    gap = logits[-1, suffix.target_id] - logits[-1, suffix.contrast_id]
+    logp = logits[len(prompt) - 1: len(prompt) + len(response) - 1].log_softmax(-1)
+    return torch.sigmoid(gap / 10.0), -logp[torch.arange(len(response)), torch.tensor(response)].mean()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_scores_and_nll_equal_a_full_uncached_forward(tiny_any, shared):
+    """Shared-prompt scoring (one prompt KV cache for every row) and per-row scoring agree with a plain forward."""
+    prompt, response = _case(tiny_any)
+    other_prompt = tiny_any.chat_ids("Say something kind.")
+    responses = [response, tiny_any.encode("I stay calm and let it go, always.")]
+    prompts = [prompt, prompt] if shared else [prompt, other_prompt]
+    suffix = TASK.compile(tiny_any)[0]
+    got = score_responses(tiny_any, prompts, responses, [suffix])
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        score, nll = _reference_score_and_nll(tiny_any, p, r, suffix)
+        torch.testing.assert_close(got.scores[i], score, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got.nll[i], nll, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_inputs(tiny):
     prompt, response = _case(tiny)
     with pytest.raises(wb.InputError, match="loss"):

@@ -93,35 +93,66 @@ def score_responses(
     temperature: float = DEFAULT_TEMPERATURE,
     batch_size: int = 16,
 ) -> ResponseScores:
-    """Score (prompt, response) pairs on the uncontrolled model; also each response's mean NLL."""
+    """Score (prompt, response) pairs on the uncontrolled model; also each response's mean NLL.
+
+    When every pair shares one prompt (the search scoring its candidates), the
+    prompt runs once and its KV cache is shared by all rows.
+    """
     suffixes = as_suffixes(model, suffixes)
     if len(prompts) == 1 and len(responses) > 1:
         prompts = list(prompts) * len(responses)
     if len(prompts) != len(responses):
         raise InputError(f"{len(prompts)} prompts for {len(responses)} responses")
+    if any(len(p) == 0 for p in prompts):
+        raise InputError("empty prompt")
     weights = _weights(suffixes, model.device)
+    shared = len(prompts) > 1 and len({tuple(p) for p in prompts}) == 1
     scores, per, nlls = [], [], []
     per_chunk = max(1, batch_size // len(suffixes))
     for start in range(0, len(prompts), per_chunk):
         chunk = list(zip(prompts[start:start + per_chunk], responses[start:start + per_chunk], strict=True))
-        rows = [list(p) + list(r) + list(s.ids) for p, r in chunk for s in suffixes]
-        for row in rows:
-            model.check_length(len(row))
-        ids, mask, last = right_pad(rows, model.pad_token_id, model.device)
-        logits = model.bridge(ids, attention_mask=mask)
-        s = _gap_scores(logits[torch.arange(len(rows)), last], suffixes, temperature)
+        for p, r in chunk:
+            for s in suffixes:
+                model.check_length(len(p) + len(r) + len(s.ids))
+        if shared:
+            logits, offset = _forward_shared_prompt(model, chunk[0][0], [list(r) + list(s.ids) for _, r in chunk for s in suffixes])
+        else:
+            ids, mask, _ = right_pad([list(p) + list(r) + list(s.ids) for p, r in chunk for s in suffixes],
+                                     model.pad_token_id, model.device)
+            logits, offset = model.bridge(ids, attention_mask=mask), 0
+        # row i's token at absolute position t is predicted by logits[i, t - 1 - offset]
+        ends = [len(p) + len(r) + len(s.ids) - 1 - offset for p, r in chunk for s in suffixes]
+        s = _gap_scores(logits[torch.arange(len(ends)), torch.as_tensor(ends, device=model.device)], suffixes, temperature)
         per.append(s)
         scores.append(s @ weights)
-        logp = logits.float().log_softmax(-1)
         for j, (p, r) in enumerate(chunk):
-            row = j * len(suffixes)
             if len(r) == 0:
                 nlls.append(torch.tensor(float("inf"), device=model.device))
                 continue
-            pos = torch.arange(len(p) - 1, len(p) + len(r) - 1, device=model.device)
+            row = logits[j * len(suffixes), len(p) - 1 - offset: len(p) + len(r) - 1 - offset].float()
             tok = torch.as_tensor(list(r), device=model.device)
-            nlls.append(-logp[row, pos, tok].mean())
+            nlls.append(-row.log_softmax(-1).gather(-1, tok[:, None]).mean())
     return ResponseScores(torch.cat(scores), torch.cat(per), torch.stack(nlls))
+
+
+def _forward_shared_prompt(
+    model: HookedChatModel, prompt: Sequence[int], rests: list[list[int]]
+) -> tuple[Float[Tensor, "batch pos d_vocab"], int]:
+    """Logits over ``prompt[-1:] + rest`` per row, the prompt's KV computed once.
+
+    Returns the logits and the offset ``len(prompt) - 1`` of their first position.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    head = model.bridge(model.as_tensor(list(prompt)), past_key_values=cache)[:, -1:]
+    cache.batch_repeat_interleave(len(rests))
+    ids, mask, _ = right_pad(rests, model.pad_token_id, model.device)
+    n = len(prompt)
+    full_mask = torch.cat([torch.ones(len(rests), n, dtype=mask.dtype, device=mask.device), mask], 1)
+    pos = torch.arange(n, n + ids.shape[1], device=model.device).expand(len(rests), -1)
+    logits = model.bridge(ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache)
+    return torch.cat([head.expand(len(rests), -1, -1), logits], 1), n - 1
 
 
 def suffix_score(
