@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
+import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import workbench as wb
+from workbench import control_cache
+from workbench.cli.control import add_search_options, search_config
+from workbench.search import SelfControlConfig
 
 
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:
@@ -34,3 +44,44 @@ def timed(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@dataclass
+class Study:
+    """What every control study starts from: parsed arguments, search settings, output folder, model."""
+
+    args: argparse.Namespace
+    config: SelfControlConfig
+    out: Path
+    model: wb.HookedChatModel
+    start: float = field(default_factory=time.perf_counter)
+
+    @classmethod
+    def from_parser(cls, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Study:
+        """Add the search knobs (analysis defaults), parse, make the output folder, load the model."""
+        add_search_options(parser)
+        parser.set_defaults(max_new_tokens=control_cache.ANALYSIS_DEFAULTS["max_new_tokens"], json=True)
+        args = parser.parse_args(argv)
+        config = search_config(args)
+        out = out_dir(args.out)
+        start = time.perf_counter()
+        model = wb.load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+        return cls(args, config, out, model, start)
+
+    def finish(self, name: str, summary: dict[str, Any], docs_figure: str | None = None) -> None:
+        """Write ``<name>.json`` (with model, seconds, cache use), optionally copy a README figure."""
+        summary = {"model": self.model.model_id, **summary, "seconds": round(time.perf_counter() - self.start, 1),
+                   "cache": dict(control_cache.stats)}
+        (self.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
+        if getattr(self.args, "docs_figure", None) and docs_figure:
+            Path(self.args.docs_figure).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.out / docs_figure, self.args.docs_figure)
+        print(f"wrote {self.out} in {summary['seconds']} s (cache: {summary['cache']})")
+
+
+def write_rows(rows: list[dict[str, Any]], path: Path) -> None:
+    """One CSV row per dict (the first row's keys are the header)."""
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -15,13 +15,9 @@ Responses and trajectories come from the control cache (run
 from __future__ import annotations
 
 import csv
-import json
-import time
 
-import workbench as wb
-from analyses.common import base_parser, out_dir
+from analyses.common import Study, base_parser
 from workbench import control_cache, plotting
-from workbench.cli.control import add_search_options, search_config
 from workbench.directions import (
     gradient_directions,
     plot_consistency,
@@ -41,13 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-prompts", type=int, default=3)
     parser.add_argument("--position", choices=["last", "mean"], default="last")
     parser.add_argument("--trajectories", type=int, default=3, help="how many tasks get a trajectory panel")
-    add_search_options(parser)
-    parser.set_defaults(max_new_tokens=control_cache.ANALYSIS_DEFAULTS["max_new_tokens"], json=True)
-    args = parser.parse_args(argv)
-    cfg = search_config(args)
-    out = out_dir(args.out)
-    start = time.perf_counter()
-    model = wb.load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+    study = Study.from_parser(parser, argv)
+    args, cfg, out, model = study.args, study.config, study.out, study.model
     dirs = gradient_directions(model, args.tasks, n_prompts=args.n_prompts, position=args.position, config=cfg)
     plotting.save(plot_direction_pca(dirs), out / "pca_by_layer.png")
     plotting.save(plot_consistency(dirs), out / "consistency.png")
@@ -68,11 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerow(["model", "task", "layer", "same_task_cosine"])
         for task, values in consistency.items():
             writer.writerows([model.model_id, task, layer, float(v)] for layer, v in zip(dirs.layers, values, strict=True))
-    summary = {"model": model.model_id, "directions": dirs.to_dict(), "task_cosines_layer": middle,
-               "task_cosines": task_cosines(dirs, middle).tolist(), "trajectories": [t.to_dict() for t in trajectories],
-               "seconds": round(time.perf_counter() - start, 1), "cache": dict(control_cache.stats)}
-    (out / "directions.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out} in {summary['seconds']} s (cache: {summary['cache']})")
+    study.finish("directions", {"directions": dirs.to_dict(), "task_cosines_layer": middle,
+                                "task_cosines": task_cosines(dirs, middle).tolist(),
+                                "trajectories": [t.to_dict() for t in trajectories]})
 
 
 if __name__ == "__main__":

@@ -11,15 +11,9 @@ window centre), ``layer_ablation.csv`` and ``layer_ablation.json``.
 
 from __future__ import annotations
 
-import csv
-import json
-import time
-
-import workbench as wb
-from analyses.common import base_parser, out_dir
+from analyses.common import Study, base_parser, write_rows
 from workbench import control_cache, plotting
 from workbench.ablation import layer_window_ablation, plot_layer_ablation
-from workbench.cli.control import add_search_options, search_config
 from workbench.tasks import get_task
 
 
@@ -29,13 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-prompts", type=int, default=2)
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="window widths (default: n/6, n/3, n/2)")
     parser.add_argument("--stride", type=int, default=None, help="window stride in layers (default: n/10)")
-    add_search_options(parser)
-    parser.set_defaults(max_new_tokens=control_cache.ANALYSIS_DEFAULTS["max_new_tokens"], json=True)
-    args = parser.parse_args(argv)
-    cfg = search_config(args)
-    out = out_dir(args.out)
-    start = time.perf_counter()
-    model = wb.load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+    study = Study.from_parser(parser, argv)
+    args, cfg, out, model = study.args, study.config, study.out, study.model
     results, rows = [], []
     for task in args.tasks:
         per_task = []
@@ -49,14 +38,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{max(ablation.scores):.4f}", flush=True)
         plotting.save(plot_layer_ablation(per_task), out / f"{task}.png")
         results += per_task
-    with (out / "layer_ablation.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = {"model": model.model_id, "ablations": [a.to_dict() for a in results],
-               "seconds": round(time.perf_counter() - start, 1), "cache": dict(control_cache.stats)}
-    (out / "layer_ablation.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {out} in {summary['seconds']} s (cache: {summary['cache']})")
+    write_rows(rows, out / "layer_ablation.csv")
+    study.finish("layer_ablation", {"ablations": [a.to_dict() for a in results]})
 
 
 if __name__ == "__main__":

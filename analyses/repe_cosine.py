@@ -14,15 +14,9 @@ the reading vectors under ``reading_vectors/<task>/``.
 from __future__ import annotations
 
 import csv
-import json
-import shutil
-import time
-from pathlib import Path
 
-import workbench as wb
-from analyses.common import base_parser, out_dir
-from workbench import control_cache, plotting
-from workbench.cli.control import add_search_options, search_config
+from analyses.common import Study, base_parser
+from workbench import plotting
 from workbench.directions import gradient_directions
 from workbench.norms import EMOTION_TASKS
 from workbench.repe import ReadingVector, gradient_cosines, split_pairs
@@ -36,13 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--method", choices=["pca", "mean"], default="pca")
     parser.add_argument("--token", choices=["last", "mean"], default="last")
     parser.add_argument("--docs-figure", default=None, help="also copy the figure here (README figure)")
-    add_search_options(parser)
-    parser.set_defaults(max_new_tokens=control_cache.ANALYSIS_DEFAULTS["max_new_tokens"], json=True)
-    args = parser.parse_args(argv)
-    cfg = search_config(args)
-    out = out_dir(args.out)
-    start = time.perf_counter()
-    model = wb.load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
+    study = Study.from_parser(parser, argv)
+    args, cfg, out, model = study.args, study.config, study.out, study.model
     vectors, accuracy = {}, {}
     for task in args.tasks:
         fit, held_out = split_pairs(get_task(task).contrast_pairs)
@@ -64,13 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         for task, values in same.items():
             for i, layer in enumerate(result.layers):
                 writer.writerow([model.model_id, task, layer, float(values[i]), float(cross[i]), accuracy[task].get(layer)])
-    summary = {"model": model.model_id, "method": args.method, "token": args.token, **result.to_dict(),
-               "seconds": round(time.perf_counter() - start, 1), "cache": dict(control_cache.stats)}
-    (out / "repe_cosine.json").write_text(json.dumps(summary, indent=1))
-    if args.docs_figure:
-        Path(args.docs_figure).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "repe_cosine.png", args.docs_figure)
-    print(f"wrote {out} in {summary['seconds']} s (cache: {summary['cache']})")
+    study.finish("repe_cosine", {"method": args.method, "token": args.token, **result.to_dict()}, docs_figure="repe_cosine.png")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""The five control studies under analyses/ run end to end (tiny model, two prompts, two iterations)
+and write the figures and tables their docstrings promise."""
+
+import json
+
+import pytest
+
+from analyses import directions, layer_ablation, norm_patterns, repe_cosine, suffix_ablation
+
+SMALL = ["--model", "tiny-random", "--tasks", "angry2peaceful", "--n-prompts", "2",
+         "--iterations", "2", "--max-new-tokens", "6"]
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    """A fresh control cache per test, so each study computes what it reports."""
+    cache = tmp_path / "home"
+    (cache).mkdir()
+    from workbench.loading import workbench_home
+
+    (cache / "models").symlink_to(workbench_home() / "models", target_is_directory=True)
+    monkeypatch.setenv("WORKBENCH_HOME", str(cache))
+    return cache
+
+
+@pytest.mark.parametrize("study, outputs", [
+    (norm_patterns, ["heatmap.png", "angry2peaceful.png", "norm_patterns.csv"]),
+    (directions, ["pca_by_layer.png", "trajectories.png", "directions.csv"]),
+    (repe_cosine, ["repe_cosine.png", "repe_cosine.csv"]),
+    (layer_ablation, ["angry2peaceful.png", "layer_ablation.csv"]),
+    (suffix_ablation, ["angry2peaceful.png", "suffix_ablation.csv"]),
+], ids=lambda s: getattr(s, "__name__", "").removeprefix("analyses."))
+def test_study_writes_its_outputs(study, outputs, home, tmp_path):
+    name = study.__name__.removeprefix("analyses.")
+    out = tmp_path / "out"
+    study.main([*SMALL, "--out", str(out)])
+    for file in outputs:
+        assert (out / file).stat().st_size > 0, file
+    summary = json.loads((out / f"{name}.json").read_text())
+    assert summary["model"] == "tiny-random" and summary["seconds"] > 0
