@@ -134,6 +134,20 @@ def test_scores_and_nll_equal_a_full_uncached_forward(tiny_any, shared):
         torch.testing.assert_close(got.nll[i], nll, atol=1e-5, rtol=1e-5)
 
 
+def test_scoring_under_a_control_applies_it_at_the_prompt_in_every_row(tiny):
+    """A control active while scoring acts on the prompt positions of each row, batched or not."""
+    prompt, response = _case(tiny)
+    long = tiny.encode(" ".join(["I stay calm and let it go."] * 8))  # longer than the prompt
+    assert len(long) > len(prompt)
+    responses = [response, long]
+    control = suffix_gradients(tiny, prompt, response, TASK).step(-0.5)
+    with control.applied(tiny):
+        both = score_responses(tiny, [prompt], responses, TASK)
+        one = torch.cat([score_responses(tiny, [prompt], [r], TASK).scores for r in responses])
+    torch.testing.assert_close(both.scores, one, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(both.scores, score_responses(tiny, [prompt], responses, TASK).scores, atol=1e-6)
+
+
 def test_bad_inputs(tiny):
     prompt, response = _case(tiny)
     with pytest.raises(wb.InputError, match="loss"):

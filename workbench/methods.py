@@ -85,8 +85,7 @@ def hook_state(model: HookedChatModel) -> tuple[int, tuple[int, ...]]:
     points (and ``model.prefix_ids``). Raw torch module hooks are not counted:
     the bridge registers some of its own lazily on the first forward.
     """
-    points = sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in model.bridge.hook_dict.values())
-    return points, tuple(model.prefix_ids)
+    return model.active_hooks(), tuple(model.prefix_ids)
 
 
 def _generate(model: HookedChatModel, ids: list[int], decoding: Decoding) -> list[int]:

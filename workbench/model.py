@@ -147,6 +147,10 @@ class HookedChatModel:
                 f"of {self.n_ctx} tokens for {self.model_id}; shorten the prompt or max_new_tokens"
             )
 
+    def active_hooks(self) -> int:
+        """Hooks registered on the bridge's hook points (controls, reading vectors, prefixes act there)."""
+        return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in self.bridge.hook_dict.values())
+
     def as_tensor(self, ids: Sequence[int] | Tensor) -> Int[Tensor, "batch pos"]:
         t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
         return t.unsqueeze(0) if t.ndim == 1 else t

@@ -95,8 +95,10 @@ def score_responses(
 ) -> ResponseScores:
     """Score (prompt, response) pairs on the uncontrolled model; also each response's mean NLL.
 
-    When every pair shares one prompt (the search scoring its candidates), the
-    prompt runs once and its KV cache is shared by all rows.
+    When every pair shares one prompt (the search scoring its candidates) and no
+    hook is active, the prompt runs once and its KV cache is shared by all rows.
+    Under active hooks (a control being scored) every row runs in full, so a
+    control still acts at the prompt positions.
     """
     suffixes = as_suffixes(model, suffixes)
     if len(prompts) == 1 and len(responses) > 1:
@@ -106,7 +108,7 @@ def score_responses(
     if any(len(p) == 0 for p in prompts):
         raise InputError("empty prompt")
     weights = _weights(suffixes, model.device)
-    shared = len(prompts) > 1 and len({tuple(p) for p in prompts}) == 1
+    shared = len(prompts) > 1 and len({tuple(p) for p in prompts}) == 1 and model.active_hooks() == 0
     scores, per, nlls = [], [], []
     per_chunk = max(1, batch_size // len(suffixes))
     for start in range(0, len(prompts), per_chunk):
