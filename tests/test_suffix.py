@@ -128,7 +128,7 @@ def test_scores_and_nll_equal_a_full_uncached_forward(tiny_any, shared):
     prompts = [prompt, prompt] if shared else [prompt, other_prompt]
     suffix = TASK.compile(tiny_any)[0]
     got = score_responses(tiny_any, prompts, responses, [suffix])
-    for i, (p, r) in enumerate(zip(prompts, responses)):
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         score, nll = _reference_score_and_nll(tiny_any, p, r, suffix)
         torch.testing.assert_close(got.scores[i], score, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got.nll[i], nll, atol=1e-5, rtol=1e-5)
