@@ -116,18 +116,18 @@ def test_embedded_model_answers_a_chat_prompt(embedded):
 
 @pytest.mark.embedded
 def test_interrupted_conversion_leaves_no_cache_and_a_rerun_rebuilds(tmp_path):
-    """SIGKILL the one-time conversion midway: no half-written cache may be taken for a good one."""
+    """SIGKILL the one-time conversion midway: no half-written cache may be taken for a good one.
+
+    The child kills itself at its first ``os.replace`` (at the latest, the final
+    rename of the finished temp folder), so the kill always lands before the
+    cache is published, however loaded the machine is.
+    """
     env = {**os.environ, "WORKBENCH_HOME": str(tmp_path)}
     code = "from workbench.loading import ensure_embedded_cache; ensure_embedded_cache(progress=False)"
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    crash = ("import os, signal; os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); " + code)
+    proc = subprocess.run([sys.executable, "-c", crash], env=env, timeout=600)
+    assert proc.returncode == -signal.SIGKILL
     target = tmp_path / "models" / wb.EMBEDDED_ID
-    deadline = time.time() + 120
-    while time.time() < deadline and not any((tmp_path / "models").glob(".*tmp*/model.safetensors")):
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
     assert not loading._cache_is_valid(target)
     # a corrupt cache left in place (e.g. a disk error) is also rebuilt
     target.mkdir(parents=True, exist_ok=True)
