@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 Loss = Literal["score", "ce"]
 StepMode = Literal["relative", "absolute"]
 DEFAULT_TEMPERATURE = 10.0
+UNEMBED_IN = "unembed.hook_in"
 
 
 def as_suffixes(model: HookedChatModel, suffixes: Task | str | Sequence[CompiledSuffix]) -> list[CompiledSuffix]:
@@ -262,8 +263,13 @@ def suffix_gradients(
         return add
 
     fixed = [h for h in (control.hooks() if control is not None else []) if h[0] not in leaves]
-    with torch.enable_grad(), model.bridge.hooks(fwd_hooks=[(n, make(n)) for n in names] + fixed):
-        logits = model.bridge(ids, attention_mask=mask)[torch.arange(len(rows)), last].float()
+    rows_idx = torch.arange(len(rows), device=model.device)
+    # The loss reads one position per row: unembed only that one, which spares the
+    # vocabulary-sized matmul (forward and backward) at every other position.
+    only_last = [(UNEMBED_IN, lambda x, hook: x[rows_idx, last][:, None])] if UNEMBED_IN in model.bridge.hook_dict else []
+    with torch.enable_grad(), model.bridge.hooks(fwd_hooks=[(n, make(n)) for n in names] + fixed + only_last):
+        logits = model.bridge(ids, attention_mask=mask)
+        logits = (logits[:, -1] if only_last else logits[rows_idx, last]).float()
         weights = _weights(suffixes, model.device)
         scores = _gap_scores(logits, suffixes, temperature)[0]
         if loss == "score":
