@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lint bench clean-cache
+.PHONY: demo test install lint bench figures evaluation clean-cache
 
 install: $(STAMP)
 
@@ -30,3 +30,27 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m analyses.speed
+
+# README figures of the five control studies (about 8 minutes on 2 CPU cores).
+figures: $(STAMP)
+	$(PY) -m analyses.norm_patterns --docs-figure docs/figures/norm_heatmap.png
+	$(PY) -m analyses.directions --docs-figure docs/figures/direction_pca.png
+	$(PY) -m analyses.repe_cosine --docs-figure docs/figures/repe_cosine.png
+	$(PY) -m analyses.layer_ablation --docs-figure docs/figures/layer_ablation.png
+	$(PY) -m analyses.suffix_ablation --docs-figure docs/figures/suffix_ablation.png
+
+# README prefix study and method comparison (about 45 minutes on 2 CPU cores; every step resumes).
+CONTROLLERS := results/controllers
+EMOTIONS := afraid2fearless happy2sad surprised2calm disgusted2satisfied
+evaluation: $(STAMP)
+	$(PY) -m analyses.prefix_study
+	mkdir -p $(CONTROLLERS) && rm -rf $(CONTROLLERS)/angry2peaceful
+	cp -r results/prefix_study/controller_relative $(CONTROLLERS)/angry2peaceful
+	for t in $(EMOTIONS); do \
+	  $(PY) -m workbench synthesize --task $$t --split train --out results/prefix_data/$$t --limit 20 && \
+	  $(PY) -m workbench train-prefix --data results/prefix_data/$$t --out $(CONTROLLERS)/$$t --n-tokens 2 \
+	    --epochs 30 --lr 1e-2 --batch-size 8 --max-shift-fraction 0.5 --loss relative || exit 1; \
+	done
+	$(PY) -m workbench evaluate --tasks emotion --methods none,prompt,repe,selfcontrol,prefix --prompts test \
+	  --prefix $(CONTROLLERS) --out results/evaluation_full
+	cp results/evaluation_full/summary.png docs/figures/evaluation.png

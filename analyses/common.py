@@ -59,6 +59,7 @@ class Study:
     @classmethod
     def from_parser(cls, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Study:
         """Add the search knobs (analysis defaults), parse, make the output folder, load the model."""
+        parser.add_argument("--docs-figure", default=None, help="also copy the study's main figure here (README figure)")
         add_search_options(parser)
         parser.set_defaults(max_new_tokens=control_cache.ANALYSIS_DEFAULTS["max_new_tokens"], json=True)
         args = parser.parse_args(argv)
@@ -68,14 +69,14 @@ class Study:
         model = wb.load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
         return cls(args, config, out, model, start)
 
-    def finish(self, name: str, summary: dict[str, Any], docs_figure: str | None = None) -> None:
-        """Write ``<name>.json`` (with model, seconds, cache use), optionally copy a README figure."""
+    def finish(self, name: str, summary: dict[str, Any], figure: str) -> None:
+        """Write ``<name>.json`` (with model, seconds, cache use); copy the main ``figure`` to ``--docs-figure`` if given."""
         summary = {"model": self.model.model_id, **summary, "seconds": round(time.perf_counter() - self.start, 1),
                    "cache": dict(control_cache.stats)}
         (self.out / f"{name}.json").write_text(json.dumps(summary, indent=1))
-        if getattr(self.args, "docs_figure", None) and docs_figure:
+        if self.args.docs_figure:
             Path(self.args.docs_figure).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.out / docs_figure, self.args.docs_figure)
+            shutil.copyfile(self.out / figure, self.args.docs_figure)
         print(f"wrote {self.out} in {summary['seconds']} s (cache: {summary['cache']})")
 
 

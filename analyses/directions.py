@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
             writer.writerows([model.model_id, task, layer, float(v)] for layer, v in zip(dirs.layers, values, strict=True))
     study.finish("directions", {"directions": dirs.to_dict(), "task_cosines_layer": middle,
                                 "task_cosines": task_cosines(dirs, middle).tolist(),
-                                "trajectories": [t.to_dict() for t in trajectories]})
+                                "trajectories": [t.to_dict() for t in trajectories]}, figure="pca_by_layer.png")
 
 
 if __name__ == "__main__":

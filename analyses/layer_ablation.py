@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         plotting.save(plot_layer_ablation(per_task), out / f"{task}.png")
         results += per_task
     write_rows(rows, out / "layer_ablation.csv")
-    study.finish("layer_ablation", {"ablations": [a.to_dict() for a in results]})
+    study.finish("layer_ablation", {"ablations": [a.to_dict() for a in results]}, figure=f"{args.tasks[0]}.png")
 
 
 if __name__ == "__main__":

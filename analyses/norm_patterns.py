@@ -22,7 +22,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=EMOTION_TASKS)
     parser.add_argument("--n-prompts", type=int, default=3)
     parser.add_argument("--split", default="train")
-    parser.add_argument("--docs-figure", default=None, help="also copy heatmap.png here (README figure)")
     study = Study.from_parser(parser, argv)
     args, cfg, out, model = study.args, study.config, study.out, study.model
     patterns, rows = [], []
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     plotting.save(norm_heatmap(patterns, ["sensitivity", "shift"]), out / "heatmap.png")
     write_rows(rows, out / "norm_patterns.csv")
     study.finish("norm_patterns", {"config": control_cache.config_dict(cfg), "tasks": [p.to_dict() for p in patterns]},
-                 docs_figure="heatmap.png")
+                 figure="heatmap.png")
 
 
 if __name__ == "__main__":

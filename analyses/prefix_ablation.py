@@ -1,6 +1,6 @@
 """Prefix Controller ablations: which layers the loss targets, how many virtual tokens, which suffix wording.
 
-    python -m analyses.prefix_ablation [--task angry2peaceful] [--limit 8] [--eval-limit 4] [--threads 1]
+    python -m analyses.prefix_ablation [--task angry2peaceful] [--limit 8] [--eval-limit 4] [--threads N]
 
 One synthesis per wording (the task's question, and its first paraphrase via
 ``dataclasses.replace(task, question=...)``), both resumable. Each variant
@@ -56,9 +56,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--keep-no-gain", action="store_true", help="also train on records whose score did not improve")
     parser.add_argument("--loss", choices=["mse", "relative"], default="mse")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = out_dir(args.out)
     model = wb.load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
     task = get_task(args.task)

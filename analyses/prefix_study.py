@@ -1,6 +1,6 @@
 """Prefix Controller study: does a trained prefix recover SelfControl's gain at no search cost?
 
-    python -m analyses.prefix_study [--task angry2peaceful] [--limit 40] [--test-limit N] [--threads 1]
+    python -m analyses.prefix_study [--task angry2peaceful] [--limit 40] [--test-limit N] [--threads N]
 
 1. Synthesise SelfControl data on the task's ``train`` prompts (resumable: rerun to continue).
 2. Train a prefix controller on it (held-out MSE vs no prefix).
@@ -134,9 +134,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=40, help="response length for search and evaluation")
     parser.add_argument("--speed-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 avoids thrashing on a shared CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 avoids thrashing on a shared CPU)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     folder = out_dir(args.out)
     model = wb.load_model(args.model, device=args.device, dtype=args.dtype, progress=True)
     task = get_task(args.task)

@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-prompts", type=int, default=3)
     parser.add_argument("--method", choices=["pca", "mean"], default="pca")
     parser.add_argument("--token", choices=["last", "mean"], default="last")
-    parser.add_argument("--docs-figure", default=None, help="also copy the figure here (README figure)")
     study = Study.from_parser(parser, argv)
     args, cfg, out, model = study.args, study.config, study.out, study.model
     vectors, accuracy = {}, {}
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         for task, values in same.items():
             for i, layer in enumerate(result.layers):
                 writer.writerow([model.model_id, task, layer, float(values[i]), float(cross[i]), accuracy[task].get(layer)])
-    study.finish("repe_cosine", {"method": args.method, "token": args.token, **result.to_dict()}, docs_figure="repe_cosine.png")
+    study.finish("repe_cosine", {"method": args.method, "token": args.token, **result.to_dict()}, figure="repe_cosine.png")
 
 
 if __name__ == "__main__":

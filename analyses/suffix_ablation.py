@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{task}: mean cosine between wordings {np.nanmean(ablation.layer_profile()):.3f}; "
               f"gain per wording {[round(float(g), 4) for g in gains]}", flush=True)
     write_rows(rows, out / "suffix_ablation.csv")
-    study.finish("suffix_ablation", {"ablations": [a.to_dict() for a in results]})
+    study.finish("suffix_ablation", {"ablations": [a.to_dict() for a in results]}, figure=f"{args.tasks[0]}.png")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,10 @@ def home(tmp_path, monkeypatch):
 def test_study_writes_its_outputs(study, outputs, home, tmp_path):
     name = study.__name__.removeprefix("analyses.")
     out = tmp_path / "out"
-    study.main([*SMALL, "--out", str(out)])
+    figure = tmp_path / "docs" / "figure.png"
+    study.main([*SMALL, "--out", str(out), "--docs-figure", str(figure)])
     for file in outputs:
         assert (out / file).stat().st_size > 0, file
+    assert figure.read_bytes() == (out / outputs[0]).read_bytes()  # the README figure is the study's main one
     summary = json.loads((out / f"{name}.json").read_text())
     assert summary["model"] == "tiny-random" and summary["seconds"] > 0
