@@ -23,6 +23,15 @@ def test_synthesize_train_generate_on_tiny_model(tmp_path):
     assert config["n_tokens"] == 2 and config["model_id"] == "tiny-random"
     assert config["residual_hooks"] == ["blocks.0.hook_resid_post", "blocks.2.hook_resid_post"]
 
-    out = run("generate", "--model", "tiny-random", "--prompt", "hello", "--prefix", ctrl, "--max-new-tokens", "4", "--json")
+    out = run("generate", "--model", "tiny-random", "--prompt", "hello", "--prefix", ctrl, "--max-new-tokens", "16", "--json")
     assert out.returncode == 0, out.stderr
-    assert set(json.loads(out.stdout)) == {"prompt", "response", "seconds"}
+    answer = json.loads(out.stdout)
+    assert set(answer) == {"prompt", "response", "seconds"}
+    # the CLI answer is the library's answer with the saved prefix applied, and the prefix matters
+    import workbench as wb
+    from workbench.prefix import PrefixController
+
+    model = wb.load_model("tiny-random", progress=False)
+    with PrefixController.load(ctrl, model).applied(model):
+        prefixed = model.chat("hello", max_new_tokens=16)
+    assert answer["response"] == prefixed != model.chat("hello", max_new_tokens=16)

@@ -1,10 +1,9 @@
-"""``synthesize``, ``train-prefix`` and ``generate``: the prefix controller from data to use."""
+"""``synthesize`` and ``train-prefix``: the prefix controller from data to a saved controller (``generate --prefix`` uses it)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from . import command, load
 from .control import add_search_options, search_config
@@ -78,31 +77,4 @@ def train_cmd(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
         print(f"saved to {args.out}")
-    return 0
-
-
-def _generate_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--prefix", default=None, help="folder of a saved prefix controller")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-
-
-@command("generate", "answer one prompt, optionally with a saved prefix controller", _generate_args)
-def generate_cmd(args: argparse.Namespace) -> int:
-    from ..prefix import PrefixController
-
-    model = load(args)
-    controller = PrefixController.load(args.prefix, model) if args.prefix else None
-    ids = model.chat_ids(args.prompt)
-    start = time.perf_counter()
-    if controller is None:
-        response = model.generate([ids], max_new_tokens=args.max_new_tokens).texts[0]
-    else:
-        with controller.applied(model):
-            response = model.generate([ids], max_new_tokens=args.max_new_tokens).texts[0]
-    seconds = time.perf_counter() - start
-    if args.json:
-        print(json.dumps({"prompt": args.prompt, "response": response, "seconds": round(seconds, 3)}))
-    else:
-        print(f"user> {args.prompt}\n{model.model_id}{' + prefix' if controller else ''}> {response}")
     return 0
