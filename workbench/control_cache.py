@@ -104,7 +104,7 @@ def config_dict(config: SelfControlConfig) -> dict[str, Any]:
     return data
 
 
-def _task_dict(task: Task) -> dict[str, Any]:
+def task_dict(task: Task) -> dict[str, Any]:
     return {"id": task.id, "question": task.question, "paraphrases": list(task.paraphrases), "target": task.target,
             "contrast": task.contrast, "answer_prefix": task.answer_prefix}
 
@@ -134,7 +134,7 @@ def cache_key(model: HookedChatModel, prompt_ids: Sequence[int], task: Task, con
         "format": CACHE_FORMAT,
         "model_id": model.model_id,
         "dtype": str(model.dtype),
-        "task": _task_dict(task),
+        "task": task_dict(task),
         "prompt_ids": [int(i) for i in prompt_ids],
         "config": config_dict(config),
     }
