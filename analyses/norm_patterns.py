@@ -13,8 +13,9 @@ and layer) and ``norm_patterns.json``.
 from __future__ import annotations
 
 from analyses.common import Study, base_parser, write_rows
-from workbench import control_cache, plotting
+from workbench import plotting
 from workbench.norms import EMOTION_TASKS, MEASURES, analyze_norms, norm_heatmap
+from workbench.search import config_dict
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         plotting.save(norm_heatmap(patterns, measure), out / f"heatmap_{measure}.png")
     plotting.save(norm_heatmap(patterns, ["sensitivity", "shift"]), out / "heatmap.png")
     write_rows(rows, out / "norm_patterns.csv")
-    study.finish("norm_patterns", {"config": control_cache.config_dict(cfg), "tasks": [p.to_dict() for p in patterns]},
+    study.finish("norm_patterns", {"config": config_dict(cfg), "tasks": [p.to_dict() for p in patterns]},
                  figure="heatmap.png")
 
 

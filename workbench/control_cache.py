@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +29,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .control import Control
-from .errors import InputError
 from .loading import workbench_home
-from .search import SelfControlConfig, SelfControlResult, self_control
+from .search import SelfControlConfig, SelfControlResult, config_dict, resolve_config, self_control
 from .tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -96,28 +95,6 @@ class CachedResult:
         }
 
 
-def config_dict(config: SelfControlConfig) -> dict[str, Any]:
-    data = asdict(config)
-    data.pop("progress", None)
-    if data.get("layers") is not None:
-        data["layers"] = list(data["layers"])
-    return data
-
-
-def task_dict(task: Task) -> dict[str, Any]:
-    return {"id": task.id, "question": task.question, "paraphrases": list(task.paraphrases), "target": task.target,
-            "contrast": task.contrast, "answer_prefix": task.answer_prefix}
-
-
-def resolve_config(config: SelfControlConfig | None = None, **overrides: Any) -> SelfControlConfig:
-    """``config`` with ``overrides`` applied (unknown names rejected), as ``self_control`` does."""
-    cfg = config or SelfControlConfig()
-    unknown = set(overrides) - set(SelfControlConfig.__dataclass_fields__)
-    if unknown:
-        raise InputError(f"unknown settings {sorted(unknown)}")
-    return SelfControlConfig(**{**asdict(cfg), **overrides}) if overrides else cfg
-
-
 #: Settings the analyses use unless told otherwise: the search's defaults with fewer new tokens
 #: (studies and notebooks share cached runs only when their settings match exactly).
 ANALYSIS_DEFAULTS: dict[str, Any] = {"max_new_tokens": 32, "progress": False}
@@ -134,7 +111,7 @@ def cache_key(model: HookedChatModel, prompt_ids: Sequence[int], task: Task, con
         "format": CACHE_FORMAT,
         "model_id": model.model_id,
         "dtype": str(model.dtype),
-        "task": task_dict(task),
+        "task": task.judge_dict(),
         "prompt_ids": [int(i) for i in prompt_ids],
         "config": config_dict(config),
     }

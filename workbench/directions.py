@@ -24,9 +24,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import plotting
-from .control_cache import CachedResult, analysis_config, lookup, resolve_config
+from .control_cache import CachedResult, analysis_config, lookup
 from .errors import InputError
-from .search import SelfControlConfig
+from .search import SelfControlConfig, resolve_config
 from .suffix import score_responses, suffix_gradients
 from .tasks import Task, get_task
 

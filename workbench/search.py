@@ -70,6 +70,24 @@ class SelfControlConfig:
         return [eta0 * self.step_scale**k for k in range(self.n_steps)]
 
 
+def resolve_config(config: SelfControlConfig | None = None, **overrides: Any) -> SelfControlConfig:
+    """``config`` (default settings if None) with ``overrides`` applied; unknown names are refused."""
+    cfg = config or SelfControlConfig()
+    unknown = set(overrides) - set(SelfControlConfig.__dataclass_fields__)
+    if unknown:
+        raise InputError(f"unknown settings {sorted(unknown)}")
+    return SelfControlConfig(**{**asdict(cfg), **overrides}) if overrides else cfg
+
+
+def config_dict(config: SelfControlConfig) -> dict[str, Any]:
+    """The settings that change a search's result, as JSON (``progress`` is not one)."""
+    data = asdict(config)
+    data.pop("progress", None)
+    if data.get("layers") is not None:
+        data["layers"] = list(data["layers"])
+    return data
+
+
 @dataclass
 class Candidate:
     """One step size tried in one iteration."""
@@ -207,12 +225,7 @@ def self_control(
     **overrides: Any,
 ) -> SelfControlResult:
     """Steer one prompt's answer toward ``task``'s target by suffix gradients (SelfControl)."""
-    cfg = config or SelfControlConfig()
-    if overrides:
-        unknown = set(overrides) - set(SelfControlConfig.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown settings {sorted(unknown)}")
-        cfg = SelfControlConfig(**{**asdict(cfg), **overrides})
+    cfg = resolve_config(config, **overrides)
     steps = cfg.steps()
     task = get_task(task)
     start = time.perf_counter()

@@ -108,6 +108,11 @@ class Task:
         return cls.from_dict(data)
 
     # ---- token ids -----------------------------------------------------
+    def judge_dict(self) -> dict[str, Any]:
+        """What decides the suffix score (no prompts): recorded with searches, caches and datasets."""
+        return {"id": self.id, "question": self.question, "paraphrases": list(self.paraphrases), "target": self.target,
+                "contrast": self.contrast, "answer_prefix": self.answer_prefix}
+
     def questions(self, paraphrases: bool = False) -> list[str]:
         return [self.question, *self.paraphrases] if paraphrases else [self.question]
 
