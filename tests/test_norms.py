@@ -46,6 +46,16 @@ def test_pattern_shapes_and_invariants(tiny, pattern):
     np.testing.assert_allclose(pattern.mean("grad"), pattern.measures["grad"].mean(0))
 
 
+def test_sensitivity_is_last_token_gradient_times_clean_residual_norm(tiny, pattern):
+    """Checked against the HF twin's hidden states (block outputs; HF's last one is after the final norm)."""
+    for i, prompt in enumerate(PROMPTS):
+        with torch.no_grad():
+            hidden = tiny.decoder(torch.tensor([tiny.chat_ids(prompt)]), output_hidden_states=True).hidden_states
+        resid = torch.stack([h[0, -1].norm() for h in hidden[1:-1]]).numpy()
+        expected = pattern.position_grad_norms[i][:-1, -1] * resid
+        np.testing.assert_allclose(pattern.measures["sensitivity"][i, :-1], expected, rtol=1e-4, atol=1e-8)
+
+
 def test_second_call_uses_the_cache_and_returns_identical_numbers(tiny, root, pattern):
     computed = cc.stats["computed"]
     again = analyze_norms("angry2peaceful", model=tiny, prompts=PROMPTS, config=CONFIG, cache_root=root, progress=False)

@@ -23,6 +23,7 @@ All four are aggregated over prompts (mean and standard deviation).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -70,29 +71,21 @@ def residuals_at_last_token(
     """
     ids = model.as_tensor(list(prompt_ids))
     names = set(hook_names)
-    if control is None:
+    with control.applied(model) if control is not None else contextlib.nullcontext():
         _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
-    else:
-        with control.applied(model):
-            _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
     return torch.stack([cache[n][0, -1].float() for n in hook_names])
 
 
-@torch.no_grad()
-def residual_norms(model: HookedChatModel, prompt_ids: Sequence[int], hook_names: Sequence[str]) -> Float[Tensor, "layer pos"]:
-    """Clean residual norm at every hook and prompt position."""
-    ids = model.as_tensor(list(prompt_ids))
-    names = set(hook_names)
-    _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
-    return torch.stack([cache[n][0].float().norm(dim=-1) for n in hook_names])
-
-
 def shift_scores(
-    model: HookedChatModel, prompt_ids: Sequence[int], control: Control
+    model: HookedChatModel, prompt_ids: Sequence[int], control: Control, clean: Tensor | None = None
 ) -> tuple[Float[Tensor, " layer"], Float[Tensor, " layer"]]:
-    """(local, cumulative) log-norm shifts per hook of ``control`` at the last prompt token."""
+    """(local, cumulative) log-norm shifts per hook of ``control`` at the last prompt token.
+
+    ``clean``: the uncontrolled residuals at the last token, if the caller already has them.
+    """
     names = control.hook_names
-    clean = residuals_at_last_token(model, prompt_ids, names)
+    if clean is None:
+        clean = residuals_at_last_token(model, prompt_ids, names)
     controlled = residuals_at_last_token(model, prompt_ids, names, control)  # h + delta
     delta = torch.stack([control.deltas[n][-1].float() for n in names])
     before = controlled - delta  # h: what the delta was added to
@@ -243,10 +236,10 @@ def analyze_norms(
         record = cached_self_control(model, prompt, task, cfg, root=cache_root, refresh=not use_cache)
         records.append(record)
         raw = record.raw_grad_norms.float()
-        resid = residual_norms(model, record.prompt_ids, record.hook_names)
-        local, cumulative = shift_scores(model, record.prompt_ids, record.control)
+        clean = residuals_at_last_token(model, record.prompt_ids, record.hook_names)
+        local, cumulative = shift_scores(model, record.prompt_ids, record.control, clean)
         measures["grad"].append(raw.norm(dim=-1).numpy())
-        measures["sensitivity"].append((raw[:, -1] * resid[:, -1].cpu()).numpy())
+        measures["sensitivity"].append((raw[:, -1] * clean.norm(dim=-1).cpu()).numpy())
         measures["shift"].append(local.numpy())
         measures["cumulative"].append(cumulative.numpy())
         positions.append(raw.numpy())
