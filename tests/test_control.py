@@ -49,6 +49,19 @@ def test_stacked_controls_generate_like_single_ones(tiny):
         with c.applied(tiny):
             single.append(tiny.generate([prompt], max_new_tokens=6, stop_at_eos=False).tokens[0])
     assert batched == single
+    # rows may act on different hooks (layer windows): a row lacking a hook gets zeros there
+    names = tiny.hook_names()
+    windows = [controls[0].restrict(names[:1]), controls[1].restrict(names[1:]), controls[2]]
+    stacked = Control.stack(windows)
+    assert stacked.hook_names == names
+    assert (stacked.deltas[names[0]][1] == 0).all() and (stacked.deltas[names[1]][0] == 0).all()
+    with stacked.applied(tiny):
+        batched = tiny.generate([prompt] * 3, max_new_tokens=6, stop_at_eos=False).tokens
+    single = []
+    for c in windows:
+        with c.applied(tiny):
+            single.append(tiny.generate([prompt], max_new_tokens=6, stop_at_eos=False).tokens[0])
+    assert batched == single
 
 
 def test_arithmetic(tiny):

@@ -28,7 +28,7 @@ from .control import Control
 from .control_cache import CachedResult, analysis_config, cached_self_control
 from .directions import cosine_matrix, original_response, plot_cosine_matrix, steering_direction
 from .errors import InputError
-from .search import SelfControlConfig, SelfControlResult
+from .search import SelfControlConfig, SelfControlResult, evaluate_controls
 from .suffix import score_responses
 from .tasks import Task, get_task
 
@@ -68,13 +68,16 @@ def default_windows(layers: Sequence[int], widths: Sequence[int] | None = None, 
     return list(dict.fromkeys(out))
 
 
-def _as_record_fields(result: CachedResult | SelfControlResult) -> tuple[list[int], Control, float, float, dict[str, Any]]:
-    if isinstance(result, CachedResult):
-        return result.prompt_ids, result.control, result.score, result.initial_score, result.config
-    return result.prompt_ids, result.control, result.score, result.initial_score, dataclasses.asdict(result.config)
+def _search_config(result: CachedResult | SelfControlResult) -> SelfControlConfig:
+    """The settings the search ran with (a cached record keeps them as JSON)."""
+    if isinstance(result, SelfControlResult):
+        return result.config
+    config = dict(result.config)
+    if config.get("layers") is not None:
+        config["layers"] = tuple(config["layers"])
+    return SelfControlConfig(**config)
 
 
-@torch.no_grad()
 def generate_and_score(
     model: HookedChatModel,
     prompt_ids: Sequence[int],
@@ -84,24 +87,14 @@ def generate_and_score(
     batch_size: int = 8,
     progress: bool = False,
 ) -> tuple[list[float], list[list[int]]]:
-    """Greedy (or as ``cfg``) generation under each control, scored by the clean suffix score; best branch kept."""
+    """Generation under each control as the search generates, scored by the clean suffix score; best branch kept."""
     suffixes = task.compile(model, task.questions(cfg.paraphrases))
-    names = list(dict.fromkeys(n for c in controls for n in c.hook_names))
-    zero = Control.zeros(model, len(prompt_ids), names)
     scores: list[float] = []
     responses: list[list[int]] = []
     for start in tqdm(range(0, len(controls), batch_size), desc="windows", disable=not progress, leave=False):
-        chunk = [zero + c for c in controls[start:start + batch_size]]  # same hooks in every row: zeros elsewhere
-        batch = Control.stack(chunk) if len(chunk) > 1 else chunk[0]
-        with batch.applied(model):
-            gen = model.generate([list(prompt_ids)] * len(chunk), max_new_tokens=cfg.max_new_tokens, branches=cfg.branches,
-                                 do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-        s = score_responses(model, [list(prompt_ids)], gen.tokens, suffixes, temperature=cfg.score_temperature).scores
-        for c in range(len(chunk)):
-            rows = range(c * cfg.branches, (c + 1) * cfg.branches)
-            best = max(rows, key=lambda r: float(s[r]))
-            scores.append(float(s[best]))
-            responses.append(list(gen.tokens[best]))
+        for options in evaluate_controls(model, list(prompt_ids), controls[start:start + batch_size], suffixes, cfg, cfg.seed):
+            responses.append(list(options[0][0]))  # options are sorted best first
+            scores.append(options[0][1])
     return scores, responses
 
 
@@ -156,32 +149,27 @@ def layer_window_ablation(
     windows: Sequence[tuple[int, int]] | None = None,
     widths: Sequence[int] | None = None,
     stride: int | None = None,
-    max_new_tokens: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> LayerAblation:
     """Score with the found control kept on each (start layer, width) window only; generation follows the search's settings."""
     task = get_task(task)
-    prompt_ids, control, search_score, _, config = _as_record_fields(result)
-    config = {k: v for k, v in config.items() if k in SelfControlConfig.__dataclass_fields__}
-    if isinstance(config.get("layers"), list):
-        config["layers"] = tuple(config["layers"])
-    cfg = SelfControlConfig(**config)
-    if max_new_tokens is not None:
-        cfg = dataclasses.replace(cfg, max_new_tokens=max_new_tokens)
+    prompt_ids, control, cfg = result.prompt_ids, result.control, _search_config(result)
     layers = sorted(_layer(n) for n in control.hook_names)
-    windows = list(windows) if windows is not None else default_windows(layers, widths, stride)
+    windows = [tuple(w) for w in windows] if windows is not None else default_windows(layers, widths, stride)
     controls = []
     for start, width in windows:
         if width < 1 or start not in layers or layers.index(start) + width > len(layers):
             raise InputError(f"window (start {start}, width {width}) does not fit the control's layers {layers[0]}-{layers[-1]}")
         i = layers.index(start)
         controls.append(window_control(control, layers[i:i + width]))
-    references = [control, control * 0.0]
-    scores, responses = generate_and_score(model, prompt_ids, controls + references, task, cfg, batch_size, progress)
-    prompt = result.prompt
-    return LayerAblation(model.model_id, task.id, prompt, layers, [tuple(w) for w in windows], scores[:-2],
-                         [model.decode(r) for r in responses[:-2]], scores[-2], scores[-1], search_score)
+    full = (layers[0], len(layers))
+    extra = [control * 0.0] + ([] if full in windows else [control])  # no control; all layers unless a window is
+    scores, responses = generate_and_score(model, prompt_ids, controls + extra, task, cfg, batch_size, progress)
+    n = len(windows)
+    full_score = scores[windows.index(full)] if full in windows else scores[n + 1]
+    return LayerAblation(model.model_id, task.id, result.prompt, layers, windows, scores[:n],
+                         [model.decode(r) for r in responses[:n]], full_score, scores[n], result.score)
 
 
 def plot_layer_ablation(ablations: LayerAblation | Sequence[LayerAblation]) -> Figure:

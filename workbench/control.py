@@ -55,11 +55,20 @@ class Control:
 
     @classmethod
     def stack(cls, controls: Sequence[Control]) -> Control:
-        """One batched control from several (one per batch row), for batched generation."""
+        """One batched control from several (one per batch row), for batched generation.
+
+        Rows may act on different hooks (e.g. layer windows): a row without a hook gets zeros there.
+        """
         first = controls[0]
         for c in controls[1:]:
             first._check_compatible(c)
-        return cls({n: torch.stack([c.deltas[n] for c in controls]) for n in first.deltas}, first.model_id)
+        names = sorted({n for c in controls for n in c.deltas}, key=lambda n: (_layer_of(n), n))
+        like = next(iter(first.deltas.values()))
+
+        def row(c: Control, name: str) -> Tensor:
+            return c.deltas[name] if name in c.deltas else torch.zeros_like(like)
+
+        return cls({n: torch.stack([row(c, n) for c in controls]) for n in names}, first.model_id)
 
     # ---- properties --------------------------------------------------------
     @property

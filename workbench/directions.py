@@ -24,10 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import plotting
+from .control import Control
 from .control_cache import CachedResult, analysis_config, lookup
 from .errors import InputError
-from .search import SelfControlConfig, resolve_config
-from .suffix import score_responses, suffix_gradients
+from .search import SelfControlConfig, evaluate_controls, resolve_config
+from .suffix import suffix_gradients
 from .tasks import Task, get_task
 
 if TYPE_CHECKING:
@@ -169,13 +170,10 @@ def original_response(
     record = lookup(model, prompt_ids, task, cfg, root=cache_root)
     if record is not None:
         return list(record.original_ids)
-    gen = model.generate([list(prompt_ids)], max_new_tokens=cfg.max_new_tokens, branches=cfg.branches,
-                         do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    if len(gen.tokens) == 1:
-        return list(gen.tokens[0])
-    scores = score_responses(model, [list(prompt_ids)], gen.tokens, task.compile(model, task.questions(cfg.paraphrases)),
-                             temperature=cfg.score_temperature).scores
-    return list(gen.tokens[int(scores.argmax())])
+    zero = Control.zeros(model, len(prompt_ids), model.hook_names(cfg.layers, cfg.point))
+    suffixes = task.compile(model, task.questions(cfg.paraphrases))
+    options = evaluate_controls(model, list(prompt_ids), [zero], suffixes, cfg, cfg.seed)[0]
+    return list(options[0][0])  # the best-scoring branch, as the search starts from
 
 
 def gradient_directions(

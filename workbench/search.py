@@ -172,17 +172,17 @@ class SelfControlResult:
         return out
 
 
-def _evaluate(
+def evaluate_controls(
     model: HookedChatModel,
     prompt_ids: list[int],
     controls: Sequence[Control],
     suffixes: list[CompiledSuffix],
     cfg: SelfControlConfig,
     seed: int,
-) -> list[tuple[list[int], float, float, int, str | None]]:
-    """Generate under each control (one batch) and keep each one's best fluent branch.
+) -> list[list[tuple[list[int], float, float, int]]]:
+    """Generate under each control (one batch) and score each branch on the clean model.
 
-    Returns per control: (response ids, score, nll, branch, rejection reason or None).
+    Returns per control its branches as (response ids, score, nll, branch), best score first.
     """
     batch = Control.stack(controls) if len(controls) > 1 else controls[0]
     with batch.applied(model):
@@ -235,7 +235,7 @@ def self_control(
     names = model.hook_names(cfg.layers, cfg.point)
     zero = Control.zeros(model, len(prompt_ids), names)
 
-    original_options = _evaluate(model, prompt_ids, [zero], suffixes, cfg, cfg.seed)[0]
+    original_options = evaluate_controls(model, prompt_ids, [zero], suffixes, cfg, cfg.seed)[0]
     original = original_options[0]  # the clean model's own best branch: no guard on the reference
     original_ids, initial_score, original_nll = original[0], original[1], original[2]
     best = {"ids": original_ids, "score": initial_score, "nll": original_nll, "control": zero}
@@ -253,14 +253,14 @@ def self_control(
         accepted = None
         seed = cfg.seed + 1000 * (it + 1)
         if cfg.batch_candidates:
-            evaluated = _evaluate(model, prompt_ids, controls, suffixes, cfg, seed)
+            evaluated = evaluate_controls(model, prompt_ids, controls, suffixes, cfg, seed)
         else:
             evaluated = []
         for k, eta in enumerate(steps):
             if accepted is not None and not cfg.batch_candidates:
                 candidates.append(Candidate(eta, [], "", float("nan"), float("nan"), -1, "not evaluated"))
                 continue
-            options = evaluated[k] if cfg.batch_candidates else _evaluate(model, prompt_ids, [controls[k]], suffixes, cfg, seed)[0]
+            options = evaluated[k] if cfg.batch_candidates else evaluate_controls(model, prompt_ids, [controls[k]], suffixes, cfg, seed)[0]
             (ids, score, nll, branch), reason = _pick(options, original_nll, cfg)
             status = reason or ("not better" if score <= best["score"] + cfg.threshold or accepted is not None else "accepted")
             if status == "not better" and accepted is not None and reason is None and score > best["score"] + cfg.threshold:
