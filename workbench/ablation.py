@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import plotting
-from .control import Control
+from .control import Control, layer_of
 from .control_cache import CachedResult, analysis_config, cached_self_control
 from .directions import cosine_matrix, original_response, plot_cosine_matrix, steering_direction
 from .errors import InputError
@@ -38,15 +38,11 @@ if TYPE_CHECKING:
     from .model import HookedChatModel
 
 
-def _layer(name: str) -> int:
-    return int(name.split(".")[1])
-
-
 # ------------------------------------------------------------------ layer windows
 def window_control(control: Control, layers: Sequence[int]) -> Control:
     """``control`` restricted to the hooks of ``layers`` (via :meth:`Control.restrict`)."""
     wanted = set(layers)
-    names = [n for n in control.hook_names if _layer(n) in wanted]
+    names = [n for n in control.hook_names if layer_of(n) in wanted]
     if not names:
         raise InputError(f"the control has no hook at layers {sorted(wanted)}")
     return control.restrict(names)
@@ -155,7 +151,7 @@ def layer_window_ablation(
     """Score with the found control kept on each (start layer, width) window only; generation follows the search's settings."""
     task = get_task(task)
     prompt_ids, control, cfg = result.prompt_ids, result.control, _search_config(result)
-    layers = sorted(_layer(n) for n in control.hook_names)
+    layers = sorted(layer_of(n) for n in control.hook_names)
     windows = [tuple(w) for w in windows] if windows is not None else default_windows(layers, widths, stride)
     controls = []
     for start, width in windows:
@@ -339,7 +335,7 @@ def suffix_ablation(
             dirs.append(vec)
             runs.append(cached_self_control(model, ids, variant, cfg, root=cache_root))
             bar.update()
-        layers = [_layer(n) for n in names]
+        layers = [layer_of(n) for n in names]
         stacked = torch.stack(dirs)  # [question, layer, d]
         cos.append(np.stack([cosine_matrix(stacked[:, li]).numpy() for li in range(len(layers))]))
         init.append([r.initial_score for r in runs])

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 KIND = "control"
 
 
-def _layer_of(hook_name: str) -> int:
+def layer_of(hook_name: str) -> int:
+    """The block index of a canonical hook name (``blocks.{l}.…``)."""
     return int(hook_name.split(".")[1])
 
 
@@ -44,7 +45,7 @@ class Control:
         shapes = {tuple(t.shape[-2:-1]) for t in self.deltas.values()}
         if len(shapes) > 1:
             raise InputError(f"all deltas of a control must cover the same prompt positions, got {shapes}")
-        self.deltas = dict(sorted(self.deltas.items(), key=lambda kv: (_layer_of(kv[0]), kv[0])))
+        self.deltas = dict(sorted(self.deltas.items(), key=lambda kv: (layer_of(kv[0]), kv[0])))
 
     # ---- construction ----------------------------------------------------
     @classmethod
@@ -62,7 +63,7 @@ class Control:
         first = controls[0]
         for c in controls[1:]:
             first._check_compatible(c)
-        names = sorted({n for c in controls for n in c.deltas}, key=lambda n: (_layer_of(n), n))
+        names = sorted({n for c in controls for n in c.deltas}, key=lambda n: (layer_of(n), n))
         like = next(iter(first.deltas.values()))
 
         def row(c: Control, name: str) -> Tensor:
@@ -108,7 +109,7 @@ class Control:
 
     def __add__(self, other: Control) -> Control:
         self._check_compatible(other)
-        names = sorted(set(self.deltas) | set(other.deltas), key=lambda n: (_layer_of(n), n))
+        names = sorted(set(self.deltas) | set(other.deltas), key=lambda n: (layer_of(n), n))
         out = {}
         for n in names:
             a, b = self.deltas.get(n), other.deltas.get(n)

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .control import Control
+from .control import Control, layer_of
 from .loading import workbench_home
 from .search import SelfControlConfig, SelfControlResult, config_dict, resolve_config, self_control
 from .tasks import Task, get_task
@@ -84,7 +84,7 @@ class CachedResult:
 
     @property
     def layers(self) -> list[int]:
-        return [int(n.split(".")[1]) for n in self.hook_names]
+        return [layer_of(n) for n in self.hook_names]
 
     def to_dict(self) -> dict[str, Any]:
         return {

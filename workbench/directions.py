@@ -24,7 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import plotting
-from .control import Control
+from .control import Control, layer_of
 from .control_cache import CachedResult, analysis_config, lookup
 from .errors import InputError
 from .search import SelfControlConfig, evaluate_controls, resolve_config
@@ -95,7 +95,7 @@ class GradientDirections:
 
     @property
     def layers(self) -> list[int]:
-        return [int(n.split(".")[1]) for n in self.hook_names]
+        return [layer_of(n) for n in self.hook_names]
 
     def layer_index(self, layer: int) -> int:
         if layer not in self.layers:
@@ -342,7 +342,7 @@ def trajectory_pca(
     """
     from .norms import residuals_at_last_token
 
-    names = [n for n in record.hook_names if layers is None or int(n.split(".")[1]) in set(layers)]
+    names = [n for n in record.hook_names if layers is None or layer_of(n) in set(layers)]
     if not names:
         raise InputError(f"none of layers {layers} is in the control")
     scale = residuals_at_last_token(model, record.prompt_ids, names).norm(dim=-1).clamp_min(1e-6).cpu()
@@ -367,7 +367,7 @@ def trajectory_pca(
             ratio.append(0.0)
         coords[:, np.asarray(ratio) < 1e-9] = 0.0  # round-off, not a direction
     scores = [record.initial_score, *record.iteration_scores]
-    return Trajectory(record.control.model_id, record.task_id, record.prompt, [int(n.split(".")[1]) for n in names],
+    return Trajectory(record.control.model_id, record.task_id, record.prompt, [layer_of(n) for n in names],
                       coords, ratio, scores, [s is not None for s in record.accepted_steps])
 
 

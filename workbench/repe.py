@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import plotting
-from .control import Control
+from .control import Control, layer_of
 from .directions import GradientDirections, cosine_matrix, unit
 from .errors import IncompatibleArtifactError, InputError
 from .store import load_artifact, save_artifact
@@ -45,10 +45,6 @@ KIND = "reading_vector"
 Method = Literal["pca", "mean"]
 Token = Literal["last", "mean"]
 States = dict[str, Float[Tensor, "n d_model"]]
-
-
-def _layer(name: str) -> int:
-    return int(name.split(".")[1])
 
 
 def split_pairs(pairs: Sequence[ContrastPair], test_fraction: float = 0.33, seed: int = 0) -> tuple[list[ContrastPair], list[ContrastPair]]:
@@ -151,11 +147,11 @@ class ReadingVector:
 
     @property
     def layers(self) -> list[int]:
-        return [_layer(n) for n in self.directions]
+        return [layer_of(n) for n in self.directions]
 
     def direction(self, layer: int) -> Float[Tensor, " d_model"]:
         for n, v in self.directions.items():
-            if _layer(n) == layer:
+            if layer_of(n) == layer:
                 return v
         raise InputError(f"no reading vector at layer {layer}; fitted layers: {self.layers}")
 
@@ -209,7 +205,7 @@ class ReadingVector:
             if n not in target:
                 raise InputError(f"no states at {n}")
             gap = (target[n].float() - opposite[n].float()) @ d.float()
-            out[_layer(n)] = float((gap > 0).float().mean())
+            out[layer_of(n)] = float((gap > 0).float().mean())
         return out
 
     def accuracy(self, model: HookedChatModel, pairs: Sequence[ContrastPair], batch_size: int = 8) -> dict[int, float]:
