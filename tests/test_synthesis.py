@@ -35,7 +35,7 @@ def test_synthesize_writes_records_and_resumes(tiny, tmp_path):
     assert manifest["model_id"] == tiny.model_id and manifest["task"]["id"] == "angry2peaceful"
     assert len(records) == 2
     for r in records:
-        assert r.hidden.shape == (tiny.n_layers, len(r.prompt_ids), tiny.d_model)
+        assert r.hidden.shape == (tiny.n_layers, len(r.prompt_ids), tiny.d_model) and r.hidden.device == tiny.device
         assert r.control.prompt_len == len(r.prompt_ids)
         assert torch.equal(r.hidden, capture_states(tiny, r.prompt_ids, control=r.control))
         for key in ("initial_score", "score", "nll", "original_nll", "shift_fraction", "control_norm"):
@@ -44,6 +44,7 @@ def test_synthesize_writes_records_and_resumes(tiny, tmp_path):
     synthesize(tiny, "angry2peaceful", "train", out, limit=3, config=FAST, progress=False)
     entries = read_index(out)[0]
     assert [e["key"] for e in entries][:2] == first_keys and len(entries) == 3  # the first two were not redone
+    assert [e["index"] for e in entries] == [0, 1, 2]
 
 
 def test_synthesize_refuses_other_settings_and_models(tiny, tiny_mha, tmp_path):

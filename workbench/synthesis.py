@@ -21,7 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .control import Control
 from .errors import IncompatibleArtifactError, InputError
-from .search import SelfControlConfig, self_control
+from .search import SelfControlConfig, config_dict, self_control
 from .store import load_artifact, save_artifact
 from .tasks import Task, get_task
 
@@ -82,18 +82,6 @@ def capture_states(
 
 
 # ---- the dataset on disk ------------------------------------------------------------
-def _task_summary(task: Task) -> dict[str, Any]:
-    return {"id": task.id, "question": task.question, "paraphrases": list(task.paraphrases), "target": task.target,
-            "contrast": task.contrast, "answer_prefix": task.answer_prefix}
-
-
-def _config_summary(cfg: SelfControlConfig) -> dict[str, Any]:
-    out = asdict(cfg)
-    out.pop("progress", None)
-    out["layers"] = list(out["layers"]) if out["layers"] is not None else None
-    return out
-
-
 def record_key(index: int, prompt: str) -> str:
     return f"{index:05d}-{hashlib.sha1(prompt.encode()).hexdigest()[:10]}"
 
@@ -194,12 +182,15 @@ class Record:
 
 
 def load_record(data_dir: str | Path, entry: dict[str, Any], model: HookedChatModel | None = None) -> Record:
+    """With ``model``, tensors go to its device once here (``hidden`` stays float32: it is the training target)."""
     tensors, config = load_artifact(Path(data_dir) / RECORDS / entry["key"], RECORD_KIND, model=model)
     deltas = {n: tensors[f"control.{n}"] for n in config["control_hooks"]}
+    hidden = tensors["hidden"]
     if model is not None:
         deltas = {n: d.to(device=model.device, dtype=model.dtype) for n, d in deltas.items()}
+        hidden = hidden.to(model.device)
     return Record(key=entry["key"], prompt=entry["prompt"], prompt_ids=tensors["prompt_ids"].tolist(),
-                  hidden=tensors["hidden"], state_hooks=list(config["state_hooks"]),
+                  hidden=hidden, state_hooks=list(config["state_hooks"]),
                   control=Control(deltas, config["model_id"]), info=dict(entry))
 
 
@@ -260,18 +251,18 @@ def synthesize(
     data_dir = Path(out_dir)
     (data_dir / RECORDS).mkdir(parents=True, exist_ok=True)
     manifest = {"kind": "synthesis", "format_version": FORMAT_VERSION, "model_id": model.model_id,
-                "d_model": model.d_model, "n_layers": model.n_layers, "task": _task_summary(task),
-                "config": _config_summary(cfg), "state_point": STATE_POINT}
+                "d_model": model.d_model, "n_layers": model.n_layers, "task": task.judge_dict(),
+                "config": config_dict(cfg), "state_point": STATE_POINT}
     _check_manifest(data_dir, manifest)
     _clean_temp(data_dir)
     done = {e["key"] for e in read_index(data_dir)[0]}
     keys = [record_key(i, p) for i, p in enumerate(prompts)]
-    todo = [(k, p) for k, p in zip(keys, prompts, strict=True) if k not in done]
+    todo = [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
     state_hooks = model.hook_names(None, STATE_POINT)
     bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"synthesize [{task.id}]",
                disable=not progress, unit="prompt")
     with _open_index(data_dir) as index:
-        for key, prompt in todo:
+        for i, key, prompt in todo:
             start = time.perf_counter()
             result = self_control(model, prompt, task, cfg)
             clean = capture_states(model, result.prompt_ids, state_hooks)
@@ -284,7 +275,7 @@ def synthesize(
                 "control_hooks": result.control.hook_names, "prompt": prompt, "task": task.id,
             })
             entry = {
-                "key": key, "index": keys.index(key), "prompt": prompt, "prompt_ids": result.prompt_ids,
+                "key": key, "index": i, "prompt": prompt, "prompt_ids": result.prompt_ids,
                 "initial_score": result.initial_score, "score": result.score, "gain": result.gain,
                 "original_nll": result.original_nll, "nll": result.nll,
                 "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
