@@ -2,13 +2,7 @@ import pytest
 import torch
 
 from workbench.errors import IncompatibleArtifactError, InputError
-from workbench.prefix import (
-    PrefixController,
-    evaluate_mse,
-    filter_records,
-    states_with_prefix,
-    train_prefix,
-)
+from workbench.prefix import PrefixController, evaluate_errors, filter_records, train_prefix
 from workbench.search import SelfControlConfig
 from workbench.synthesis import capture_states, load_records, synthesize
 
@@ -90,8 +84,14 @@ def test_save_load_round_trip_and_refuses_other_model(tiny, tiny_mha, tmp_path):
     assert set(back.residuals) == set(c.residuals)
     assert all(torch.equal(back.residuals[k], c.residuals[k]) for k in c.residuals)
     assert back.meta["training"]["task"] == "angry2peaceful" and back.n_tokens == 3
-    ids = tiny.chat_ids("hi")
-    torch.testing.assert_close(states_with_prefix(tiny, back, ids), states_with_prefix(tiny, c, ids))
+    assert back.model_id == c.model_id and back.layers == c.layers
+    ids = tiny.as_tensor([c.placeholder_id] * c.n_tokens + tiny.chat_ids("hi"))
+    with torch.no_grad():
+        with back.applied(tiny):
+            loaded = tiny.bridge(ids)
+        with c.applied(tiny):
+            original = tiny.bridge(ids)
+    torch.testing.assert_close(loaded, original)
     with pytest.raises(IncompatibleArtifactError, match="tiny-random"):
         PrefixController.load(tmp_path / "c", tiny_mha)
     with pytest.raises(InputError):
@@ -140,14 +140,17 @@ def test_training_lowers_the_loss_and_is_seeded(tiny, tiny_data, tmp_path):
     assert report.loss == "mse" and report.best_val_relative < report.init_val_relative
     _, records = load_records(tiny_data, tiny)
     val = [r for r in records if r.key in report.val_keys]
-    assert evaluate_mse(tiny, c, val) == pytest.approx(report.best_val_mse, rel=1e-4)
+    assert evaluate_errors(tiny, c, val)["mse"] == pytest.approx(report.best_val_mse, rel=1e-4)
     # the no-prefix baseline: stored controlled states vs the clean model's
     clean = capture_states(tiny, val[0].prompt_ids)
     assert report.baseline_val_mse == pytest.approx(float(((clean - val[0].hidden) ** 2).mean()), rel=1e-4, abs=1e-9)
     again, _ = train_prefix(tiny, tiny_data, **kwargs)
     assert torch.equal(again.embeddings, c.embeddings)
     c.save(tmp_path / "c")
-    assert PrefixController.load(tmp_path / "c", tiny).meta["training"]["n_records"] == 4
+    saved = PrefixController.load(tmp_path / "c", tiny).meta["training"]
+    assert saved["n_records"] == 4 and saved["task"] == "angry2peaceful"  # methods.py and compose read "task"
+    assert saved["best_val_mse"] == report.best_val_mse and saved["settings"]["lr"] == 5e-2
+    assert saved["synthesis_config"]["max_new_tokens"] == 3 and "epochs" not in saved and "val_keys" not in saved
 
 
 def test_relative_loss_trains_on_relative_error(tiny, tiny_data):

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from .errors import InputError, NumericalError
 from .store import load_artifact, save_artifact
 from .suffix import right_pad
-from .synthesis import MANIFEST, STATE_POINT, Record, capture_states, load_records, read_manifest
+from .synthesis import MANIFEST, STATE_POINT, Record, load_records, read_manifest
 
 if TYPE_CHECKING:
     from .model import HookedChatModel
@@ -125,12 +125,6 @@ class PrefixController:
         return PrefixController(self.embeddings.detach().clone(), self.model_id, self.placeholder_id,
                                 {n: r.detach().clone() for n, r in self.residuals.items()},
                                 None if self.layers is None else list(self.layers), copy.deepcopy(self.meta))
-
-    def to(self, device: torch.device | str) -> PrefixController:
-        out = self.clone()
-        out.embeddings = out.embeddings.to(device)
-        out.residuals = {n: r.to(device) for n, r in out.residuals.items()}
-        return out
 
     # ---- application --------------------------------------------------------------
     def hooks(self, model: HookedChatModel) -> list[tuple[str, Any]]:
@@ -341,7 +335,7 @@ def _batch_states(
 def _targets(records: Sequence[Record], rows: list[int], width: int, device: torch.device) -> Tensor:
     out = torch.zeros(len(records), len(rows), width, records[0].hidden.shape[-1], device=device)
     for i, r in enumerate(records):
-        out[i, :, : r.hidden.shape[1]] = r.hidden[rows].to(device)
+        out[i, :, : r.hidden.shape[1]] = r.hidden[rows]  # on the device already when loaded with the model
     return out
 
 
@@ -376,17 +370,6 @@ def evaluate_errors(
         sse, rel = sse + float(e["sse"]), rel + float(e["rel"])
         n_elem, n_vec = n_elem + e["n_elem"], n_vec + e["n_vec"]
     return {"mse": sse / n_elem, "relative": rel / n_vec}
-
-
-def evaluate_mse(
-    model: HookedChatModel,
-    controller: PrefixController | None,
-    records: Sequence[Record],
-    layers: Sequence[int] | None = None,
-    batch_size: int = 8,
-) -> float:
-    """Per-element MSE between the model's states (with ``controller``, or clean if None) and the stored ones."""
-    return evaluate_errors(model, controller, records, layers, batch_size)["mse"]
 
 
 def train_prefix(
@@ -426,6 +409,8 @@ def train_prefix(
         raise InputError("warmup must be a fraction in [0, 1]")
     if not 0 <= val_fraction < 1:
         raise InputError("val_fraction must be in [0, 1)")
+    if loss not in ("mse", "relative"):
+        raise InputError(f"loss must be 'mse' or 'relative', not {loss!r}")
     if records is None:
         manifest, loaded = load_records(data_dir, model)
     else:
@@ -437,7 +422,6 @@ def train_prefix(
     if not kept:
         raise InputError(f"no record passes the filters ({reasons}); synthesise more prompts or relax "
                          "--max-shift-fraction / --keep-no-gain")
-    torch.manual_seed(seed)
     order = list(range(len(kept)))
     random.Random(seed).shuffle(order)
     n_val = 0 if val_fraction == 0 or len(kept) < 2 else max(1, round(val_fraction * len(kept)))
@@ -459,8 +443,6 @@ def train_prefix(
     warm = max(1, round(warmup * steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warm))
     eval_set = val or train
-    if loss not in ("mse", "relative"):
-        raise InputError(f"loss must be 'mse' or 'relative', not {loss!r}")
 
     def held_out(c: PrefixController | None) -> dict[str, float]:
         return evaluate_errors(model, c, eval_set, layer_list, batch_size)
@@ -477,18 +459,16 @@ def train_prefix(
         total, count = 0.0, 0
         for b in range(0, len(train), batch_size):
             chunk = train[b:b + batch_size]
+            optimizer.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 states, valid = _batch_states(model, controller, chunk, hook_names)
                 e = _errors(states, _targets(chunk, rows, states.shape[2], model.device), valid)
                 value, n = (e["sse"], e["n_elem"]) if loss == "mse" else (e["rel"], e["n_vec"])
-                grads = torch.autograd.grad(value / n, params)
-            if not all(torch.isfinite(g).all() for g in grads):
+                (value / n).backward()
+            if not all(p.grad is None or torch.isfinite(p.grad).all() for p in params):
                 raise NumericalError("the prefix gradient is NaN/inf; lower the learning rate")
-            for p, g in zip(params, grads, strict=True):
-                p.grad = g
             optimizer.step()
             schedule.step()
-            optimizer.zero_grad(set_to_none=True)
             total, count = total + float(value.detach()), count + n
         current = held_out(controller)
         history.append({"epoch": epoch, "train_loss": total / count, "val_mse": current["mse"],
@@ -497,8 +477,6 @@ def train_prefix(
             best, best_state, best_epoch = current, controller.clone(), epoch
         bar.set_postfix(train=f"{total / count:.4g}", held_out=f"{current[loss]:.4g}", no_prefix=f"{baseline[loss]:.4g}")
     bar.close()
-    for p in params:
-        p.requires_grad_(False)
     settings = {"loss": loss, "n_tokens": n_tokens, "layers": layers if layers is None else layer_list,
                 "residual_layers": None if residual_layers is None else list(residual_layers), "epochs": epochs,
                 "lr": lr, "warmup": warmup, "batch_size": batch_size, "weight_decay": weight_decay, "val_fraction": val_fraction,
@@ -512,22 +490,10 @@ def train_prefix(
         init_val_relative=init["relative"],
         seconds=time.perf_counter() - start_time, settings=settings, val_keys=[r.key for r in val],
     )
+    # one source for what training reached; the per-epoch history and held-out keys stay in the report only
     best_state.meta["training"] = {
-        "data_dir": str(data_dir), "task": report.task, "synthesis_config": manifest.get("config"),
-        "question": manifest.get("task", {}).get("question"), "n_records": report.n_records, "n_kept": report.n_kept,
-        "filtered": reasons, "n_train": report.n_train, "n_val": report.n_val, "best_epoch": best_epoch,
-        "best_val_mse": best["mse"], "baseline_val_mse": baseline["mse"], "init_val_mse": init["mse"],
-        "best_val_relative": best["relative"], "baseline_val_relative": baseline["relative"], **settings,
+        **{k: v for k, v in report.to_dict().items() if k not in ("epochs", "val_keys")},
+        "synthesis_config": manifest.get("config"), "question": manifest.get("task", {}).get("question"),
     }
     return best_state, report
 
-
-def states_with_prefix(
-    model: HookedChatModel, controller: PrefixController, prompt_ids: Sequence[int], layers: Sequence[int] | None = None
-) -> Float[Tensor, "layer pos d_model"]:
-    """Hidden states (float32) at the positions of ``prompt_ids`` when run after the prefix."""
-    controller.check_model(model)
-    head = [controller.placeholder_id] * controller.n_tokens
-    with model.bridge.hooks(fwd_hooks=controller.hooks(model)):
-        states = capture_states(model, head + list(prompt_ids), model.hook_names(layers, STATE_POINT))
-    return states[:, controller.n_tokens:]
