@@ -40,22 +40,17 @@ Position = Literal["last", "mean"]
 
 
 # ------------------------------------------------------------------ cosines
-def unit(x: Float[Tensor, "... d_model"], eps: float = 1e-30) -> Float[Tensor, "... d_model"]:
-    """``x / ||x||`` along the last axis; zero vectors stay zero."""
-    x = torch.as_tensor(x).float()
-    norm = x.norm(dim=-1, keepdim=True)
-    return torch.where(norm > eps, x / norm.clamp_min(eps), torch.zeros_like(x))
+def unit(x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """``x / ||x||`` along the last axis (float32); zero vectors stay zero."""
+    return torch.nn.functional.normalize(torch.as_tensor(x).float(), dim=-1)
 
 
 def cosine(a: Float[Tensor, " d_model"], b: Float[Tensor, " d_model"]) -> float:
     """Cosine similarity of two vectors; NaN when either is zero."""
-    a, b = torch.as_tensor(a).float().flatten(), torch.as_tensor(b).float().flatten()
+    a, b = torch.as_tensor(a).flatten(), torch.as_tensor(b).flatten()
     if a.shape != b.shape:
         raise InputError(f"vectors of different sizes: {tuple(a.shape)} vs {tuple(b.shape)}")
-    na, nb = a.norm(), b.norm()
-    if na == 0 or nb == 0:
-        return float("nan")
-    return float((a @ b) / (na * nb))
+    return float(cosine_matrix(a[None], b[None])[0, 0])
 
 
 def cosine_matrix(
