@@ -1,5 +1,6 @@
 import pytest
 
+from workbench.control import Control
 from workbench.errors import InputError
 from workbench.methods import (
     ControlLeakError,
@@ -18,6 +19,7 @@ from workbench.methods import (
 )
 from workbench.prefix import PrefixController
 from workbench.search import self_control
+from workbench.suffix import score_responses
 from workbench.tasks import get_task
 
 DEC = Decoding(max_new_tokens=6, seed=0)
@@ -28,7 +30,7 @@ SC = {"iterations": 1, "n_steps": 2, "initial_step": -0.05}
 
 @pytest.fixture(scope="module")
 def repe(tiny):
-    method = RepeAddition(coefficients=(0.0, 0.1, 1.0), n_select=1, n_pairs=4)
+    method = RepeAddition(coefficients=(0.0, 0.1, 1.0), n_select=4, n_pairs=4)
     state = method.prepare(tiny, TASK, DEC, held_out=TASK.split("test"))
     return method, state
 
@@ -45,8 +47,10 @@ def test_build_methods_by_name_and_bad_input(tmp_path):
         build_methods("none,none")
     with pytest.raises(InputError, match="max_new_tokens"):
         Decoding(max_new_tokens=0)
-    with pytest.raises(InputError, match="unknown selfcontrol"):
+    with pytest.raises(InputError, match=r"selfcontrol: unknown settings \['iteratons'\]"):
         SelfControlMethod({"iteratons": 2})
+    with pytest.raises(InputError, match="selfcontrol: unknown settings"):
+        build_methods("selfcontrol", selfcontrol={"iteratons": 2})
 
 
 def test_prompt_method_adds_the_instruction_only(tiny):
@@ -68,17 +72,37 @@ def test_prompt_method_adds_the_instruction_only(tiny):
 
 def test_repe_coefficient_is_chosen_on_train_prompts_outside_the_evaluated_ones(tiny, repe):
     method, state = repe
-    assert state["coefficient"] in (0.0, 0.1, 1.0)
-    assert state["selection_prompts"] == [TASK.split("train")[0]]
+    assert state["selection_prompts"] == TASK.split("train")[:4]
     assert not set(state["selection_prompts"]) & set(TASK.split("test"))
     assert [row["coefficient"] for row in state["grid"]] == [0.0, 0.1, 1.0]
-    chosen = next(row for row in state["grid"] if row["coefficient"] == state["coefficient"])
-    assert chosen["admissible"]
-    assert chosen["score"] == max(row["score"] for row in state["grid"] if row["admissible"])
     assert state["layers"] == method.window(tiny) == [1, 2]
     # evaluating on train prompts: the selection moves past them
     other = RepeAddition(coefficients=(0.0,), n_select=1, n_pairs=4)
     assert other.prepare(tiny, TASK, DEC, held_out=TASK.split("train")[:3])["selection_prompts"] == [TASK.split("train")[3]]
+
+
+def test_repe_selection_batch_gives_each_row_what_it_gives_alone(tiny, repe):
+    """prepare generates every (prompt, coefficient) row in one left-padded batch under a control as wide as the
+    longest prompt; if that shifted the vector or the padding leaked, the coefficient would be chosen on other text."""
+    method, state = repe
+    vector, layers = method._vectors[TASK.id], state["layers"]
+    prompt_ids = [tiny.chat_ids(p) for p in state["selection_prompts"]]
+    assert len({len(ids) for ids in prompt_ids}) > 1  # lengths differ: the batch is left-padded
+    width = max(len(ids) for ids in prompt_ids)
+    rows = [(ids, c) for ids in prompt_ids for c in method.coefficients]
+    with Control.stack([vector.as_control(tiny, width, c, layers) for _, c in rows]).applied(tiny):
+        batched = [list(t) for t in tiny.generate([ids for ids, _ in rows], **DEC.kwargs()).tokens]
+    alone = []
+    for ids, c in rows:
+        with vector.as_control(tiny, len(ids), c, layers).applied(tiny):
+            alone.append(list(tiny.generate([ids], **DEC.kwargs()).tokens[0]))
+    assert batched == alone
+    assert len({tuple(t) for t in alone[: len(method.coefficients)]}) > 1  # the coefficients do steer
+    # the grid prepare recorded is the mean over these responses, scored one row at a time
+    scores = [float(score_responses(tiny, [ids], [t], TASK).scores[0]) for (ids, _), t in zip(rows, alone, strict=True)]
+    for i, row in enumerate(state["grid"]):
+        per_prompt = scores[i :: len(method.coefficients)]
+        assert row["score"] == pytest.approx(sum(per_prompt) / len(per_prompt), abs=1e-5)
 
 
 def test_choose_coefficient_guard_is_relative_to_no_steering():

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .control import Control
 from .errors import InputError, WorkbenchError
 from .judges import is_degenerate
-from .search import SelfControlConfig, self_control
+from .search import SelfControlConfig, config_dict, resolve_config, self_control
 from .suffix import score_responses
 from .tasks import Task
 
@@ -64,8 +64,8 @@ class Decoding:
             raise InputError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
     def kwargs(self) -> dict[str, Any]:
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample,
-                "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        """Keyword arguments of ``model.generate`` (and of the search's config)."""
+        return asdict(self)
 
 
 @dataclass
@@ -272,21 +272,18 @@ class SelfControlMethod(Method):
 
     def __init__(self, config: SelfControlConfig | dict[str, Any] | None = None) -> None:
         if isinstance(config, dict):
-            unknown = set(config) - set(SelfControlConfig.__dataclass_fields__)
-            if unknown:
-                raise InputError(f"unknown selfcontrol settings {sorted(unknown)}")
-            config = SelfControlConfig(**config)
-        self.config = config or SelfControlConfig()
+            try:
+                config = resolve_config(None, **config)
+            except InputError as err:
+                raise InputError(f"selfcontrol: {err}") from None
+        self.config = resolve_config(config)
 
     def settings(self) -> dict[str, Any]:
-        out = asdict(self.config)
-        for key in ("max_new_tokens", "do_sample", "temperature", "top_p", "seed", "progress"):
-            out.pop(key)
-        out["layers"] = list(out["layers"]) if out["layers"] is not None else None
-        return out
+        """The search's settings less the decoding ones, which :class:`Decoding` records for every method."""
+        return {k: v for k, v in config_dict(self.config).items() if k not in Decoding.__dataclass_fields__}
 
     def respond(self, model, task, prompt, decoding):
-        cfg = SelfControlConfig(**{**asdict(self.config), **decoding.kwargs(), "progress": False})
+        cfg = resolve_config(self.config, **decoding.kwargs(), progress=False)
         start = time.perf_counter()
         result = self_control(model, prompt, task, cfg)
         return MethodResponse(result.prompt_ids, list(result.response_ids), time.perf_counter() - start, {

@@ -57,7 +57,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
         result = evaluate_from_config(args.config, model=load(args) if args.model else None, progress=not args.json)
     else:
         cfg = search_config(args)
-        cfg.progress = False
         repe = {"coefficients": [float(c) for c in args.repe_coefficients.split(",")], "n_select": args.repe_select,
                 "n_pairs": args.repe_pairs,
                 "layers": [int(x) for x in args.repe_layers.split(",")] if args.repe_layers else None}
