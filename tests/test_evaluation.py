@@ -167,6 +167,29 @@ def test_resume_refuses_other_settings_and_summary_skips_prompts_not_asked_for(t
     assert write_summary(tmp_path)["tasks"]["angry2peaceful"]["none"]["n"] == 1
 
 
+class _Knobs(NoControl):
+    name = "knobs"
+
+    def __init__(self, **knobs):
+        self.knobs = knobs
+
+    def settings(self):
+        return self.knobs
+
+
+def test_resume_compares_only_the_methods_and_knobs_both_runs_have(tiny, tmp_path):
+    evaluate(tiny, [TASK], [_Knobs(a=1, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    with pytest.raises(InputError, match="different 'method_settings'"):
+        evaluate(tiny, [TASK], [_Knobs(a=2, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    with pytest.raises(InputError, match="different 'method_settings'"):
+        evaluate(tiny, [TASK], [NoControl(), _Knobs(a=1, layers=(1, 3))], PROMPTS[:1], tmp_path, **FAST)
+    # a knob added since (or dropped), and a method added, do not block the resume; tuples match saved lists
+    evaluate(tiny, [TASK], [_Knobs(a=1, layers=(1, 2), b=0)], PROMPTS[:1], tmp_path, **FAST)
+    evaluate(tiny, [TASK], [_Knobs(layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    result = evaluate(tiny, [TASK], [NoControl(), _Knobs(a=1, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    assert sorted(_keys(result.records)) == [(TASK.id, "knobs", PROMPTS[0]), (TASK.id, "none", PROMPTS[0])]
+
+
 def test_non_emotion_task_has_no_lexicon_metric(tiny, tmp_path):
     result = evaluate(tiny, "helpful", "none", ["Say hi?"], tmp_path, **FAST)
     entry = result.summary["tasks"]["helpful"]["none"]

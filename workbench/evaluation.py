@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import plotting
 from .errors import InputError
 from .judges import bootstrap_ci, distinct_n, is_degenerate, judge_text
 from .methods import Decoding, Method, build_methods, run_isolated
@@ -166,6 +167,13 @@ class Evaluation:
         return (self.out_dir / "summary.md").read_text()
 
 
+def _shared_settings(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both runs' settings cut to the methods and knobs they share: adding either does not block a resume."""
+    both = [m for m in new if m in old]
+    return ({m: {k: v for k, v in old[m].items() if k in new[m]} for m in both},
+            {m: {k: v for k, v in new[m].items() if k in old[m]} for m in both})
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -236,13 +244,10 @@ def evaluate(
     if config_path.is_file() and (out / RESULTS).is_file():
         old = json.loads(config_path.read_text())
         for key in _RESUME_KEYS:
-            old_value, new_value = old.get(key), config[key]
-            if key == "method_settings":  # methods (and knobs) present in both runs must agree
-                old_value = {k: v for k, v in (old_value or {}).items() if k in new_value}
-                new_value = {k: {s: x for s, x in v.items() if s in old_value[k]} for k, v in new_value.items()
-                             if k in old_value}
-                old_value = {k: {s: x for s, x in v.items() if s in new_value[k]} for k, v in old_value.items()}
-            if json.loads(json.dumps(old_value)) != json.loads(json.dumps(new_value)):
+            old_value, new_value = old.get(key), json.loads(json.dumps(config[key]))
+            if key == "method_settings":
+                old_value, new_value = _shared_settings(old_value or {}, new_value)
+            if old_value != new_value:
                 raise InputError(f"{out} holds a run with different {key!r} ({old_value} vs {new_value}); "
                                  "resume with the same settings or choose another output folder")
     _write_json(config_path, config)
@@ -307,13 +312,8 @@ def evaluate_from_config(config_path: str | Path, model: HookedChatModel | None 
     sc = settings.get("selfcontrol")
     if sc is not None and sc.get("layers") is not None:
         sc = {**sc, "layers": tuple(sc["layers"])}
-    repe = settings.get("repe")
-    if repe is not None:
-        repe = {k: v for k, v in repe.items() if k != "criterion"}  # descriptive key of older configs
-    dec = cfg["decoding"]
     return evaluate(model, cfg["tasks"], cfg["methods"], cfg["prompts"], path.parent, prefix=cfg.get("prefix"),
-                    max_new_tokens=dec["max_new_tokens"], seed=dec["seed"], do_sample=dec["do_sample"],
-                    temperature=dec["temperature"], top_p=dec["top_p"], selfcontrol=sc, repe=repe,
+                    **asdict(Decoding(**cfg["decoding"])), selfcontrol=sc, repe=settings.get("repe"),
                     prompt_style=cfg.get("prompt_style", "user"), progress=progress)
 
 
@@ -436,19 +436,13 @@ def write_csv(summary: Mapping[str, Any], path: str | Path) -> Path:
 
 def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "") -> Path:
     """Grouped bars (tasks x methods) with 95% CI error bars: suffix score, NRC target rate (or VADER), VADER."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = list(summary)
     methods = list(dict.fromkeys(m for t in summary.values() for m in t))
     lexicon = any("lexicon_target_rate_mean" in e for t in summary.values() for e in t.values())
     panels = ["suffix_score", "lexicon_target_rate", "vader_compound"] if lexicon else ["suffix_score", "vader_compound"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.0, 1.1 * len(tasks) + 1.5) * len(panels) * 0.75, 4.2),
-                             squeeze=False)
+    fig, axes = plotting.figure(1, len(panels), width=max(4.0, 1.1 * len(tasks) + 1.5) * 0.75, height=4.2)
     width = 0.8 / max(1, len(methods))
-    colors = plt.get_cmap("tab10")
+    colors = plotting.task_colors(methods)
     for ax, metric in zip(axes[0], panels, strict=True):
         for j, method in enumerate(methods):
             xs, ys, err = [], [], [[], []]
@@ -462,12 +456,12 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "
                 err[0].append(mean - low)
                 err[1].append(high - mean)
             if xs:
-                ax.bar(xs, ys, width, yerr=err, capsize=2, color=colors(j), label=method, error_kw={"lw": 0.8})
-        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
+                ax.bar(xs, ys, width, yerr=err, capsize=2, color=colors[method], label=method, error_kw={"lw": 0.8})
+        ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right")
         ax.set_xlabel("task")
         ax.set_ylabel(LABELS[metric])
         ax.set_title(LABELS[metric], fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
+        ax.grid(False, axis="x")
         if metric == "suffix_score":
             values = [e[f"{metric}_ci95"][k] for t in summary.values() for e in t.values() if f"{metric}_ci95" in e for k in (0, 1)]
             if values:
@@ -477,13 +471,9 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "
         if metric == "vader_compound":
             ax.axhline(0, color="black", lw=0.6)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=8, title="method", title_fontsize=8)
+    fig.legend(handles, labels, loc="outside right center", fontsize=8, title="method", title_fontsize=8)
     fig.suptitle(f"Control methods on {model_id or 'the model'}: means with 95% bootstrap intervals", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.93, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return plotting.save(fig, path)
 
 
 def write_summary(out_dir: str | Path) -> dict[str, Any]:

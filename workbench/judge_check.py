@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import plotting
 from .errors import InputError
 from .judges import roc_auc
 from .suffix import score_responses
@@ -139,13 +140,9 @@ class JudgeCheck:
 
     def plot(self, path: str | Path) -> Path:
         """Score distributions per task: target vs opposite responses, points over box plots."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
         order = sorted(self.tasks, key=lambda t: -t.auc)
-        fig, ax = plt.subplots(figsize=(max(6.0, 0.95 * len(order) + 2), 4.4))
+        fig, axes = plotting.figure(width=max(6.0, 0.95 * len(order) + 2), height=4.4)
+        ax = axes[0, 0]
         rng = np.random.default_rng(0)
         for i, t in enumerate(order):
             for offset, values, colour in ((-0.18, t.target_scores, "tab:green"), (0.18, t.opposite_scores, "tab:red")):
@@ -159,15 +156,10 @@ class JudgeCheck:
         ax.set_xlim(-0.6, len(order) - 0.4)
         ax.set_xlabel("task (sorted by ROC AUC)")
         ax.set_ylabel("suffix score (clean model's self-judgement)")
-        ax.set_title(f"Judge check on {self.model_id}: suffix score of contrast-pair responses")
+        ax.set_title(f"Judge check on {self.model_id}: suffix score of contrast-pair responses", fontsize=10)
         ax.legend(fontsize=8, loc="best")
-        ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        ax.grid(False, axis="x")
+        return plotting.save(fig, path)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``judge_check.json``, ``judge_check.md`` and ``judge_check.png`` into ``out_dir``."""
