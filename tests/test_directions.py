@@ -20,6 +20,7 @@ from workbench.directions import (
     unit,
 )
 from workbench.errors import InputError
+from workbench.norms import residuals_at_last_token
 from workbench.search import SelfControlConfig
 from workbench.suffix import suffix_gradients
 
@@ -109,13 +110,20 @@ def test_mean_position_and_bad_position(tiny):
 
 
 def test_trajectory_pca(tiny, root):
-    record = cc.cached_self_control(tiny, "A driver cut you off. What do you do?", "angry2peaceful", CONFIG, root=root)
+    # a prompt whose search accepts a step on the tiny model (the control-cache tests rely on it too)
+    prompt = "Someone insulted your work in front of everyone. How do you respond?"
+    record = cc.cached_self_control(tiny, prompt, "angry2peaceful", CONFIG, root=root)
     t = trajectory_pca(tiny, record)
     assert t.coords.shape[0] == len(record.trajectory) + 1
     assert t.scores[0] == record.initial_score and t.scores[-1] == record.score
-    if any(t.accepted):
-        assert not np.allclose(t.coords[0], t.coords[-1])  # the control moved
-        assert sum(t.explained_variance_ratio) == pytest.approx(1.0, abs=1e-6) or len(t.coords) > 3
+    assert any(t.accepted), "the test needs an accepted step; raise initial_step"
+    assert not np.allclose(t.coords[0], t.coords[-1])  # the control moved
+    assert sum(t.explained_variance_ratio) == pytest.approx(1.0, abs=1e-6) or len(t.coords) > 3
+    # with at most 3 states two components are exact: the plotted start-to-end distance is the real one
+    assert len(t.coords) <= 3
+    scale = residuals_at_last_token(tiny, record.prompt_ids, record.hook_names).norm(dim=-1)
+    last = torch.stack([record.trajectory[-1].deltas[n][-1].float() for n in record.hook_names])
+    assert np.linalg.norm(t.coords[-1] - t.coords[0]) == pytest.approx(float((last / scale[:, None]).norm()), rel=1e-4)
     fig = plot_trajectories([t])
     assert fig.axes[0].get_xlabel().startswith("PC1")
     plt.close(fig)
