@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from . import plotting
 from .control import Control, layer_of
 from .control_cache import CachedResult, analysis_config, cached_self_control
-from .directions import cosine_matrix, original_response, plot_cosine_matrix, steering_direction
+from .directions import cosine_matrix, plot_cosine_matrix, steering_direction
 from .errors import InputError
 from .search import SelfControlConfig, SelfControlResult, evaluate_controls
 from .suffix import score_responses
@@ -328,13 +328,15 @@ def suffix_ablation(
     bar = tqdm(total=len(prompts) * len(variants), desc=f"suffix ablation [{task.id}]", disable=not progress, leave=False)
     for prompt in prompts:
         ids = model.chat_ids(prompt)
-        response = original_response(model, ids, task, cfg, cache_root)
-        dirs, runs = [], []
+        runs = []
+        for variant in variants:
+            runs.append(cached_self_control(model, ids, variant, cfg, root=cache_root))
+            bar.update()
+        response = runs[0].original_ids  # the answer every wording's search starts from (main question's branch)
+        dirs = []
         for variant in variants:
             vec, names, _ = steering_direction(model, ids, response, variant, config=cfg, position=position)  # type: ignore[arg-type]
             dirs.append(vec)
-            runs.append(cached_self_control(model, ids, variant, cfg, root=cache_root))
-            bar.update()
         layers = [layer_of(n) for n in names]
         stacked = torch.stack(dirs)  # [question, layer, d]
         cos.append(np.stack([cosine_matrix(stacked[:, li]).numpy() for li in range(len(layers))]))
