@@ -211,17 +211,11 @@ def cached_self_control(
     """
     cfg = resolve_config(config, **overrides)
     task = get_task(task)
-    prompt_ids = model.chat_ids(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-    key = cache_key(model, prompt_ids, task, cfg)
+    if not refresh and (record := lookup(model, prompt, task, cfg, root=root)) is not None:
+        return record
+    result = self_control(model, prompt, task, cfg)
+    key = cache_key(model, result.prompt_ids, task, cfg)
     folder = cache_root(root) / key
-    if not refresh and folder.is_dir():
-        record = _read(folder, model)
-        if record is not None:
-            stats["loaded"] += 1
-            return record
-    result = self_control(model, prompt_ids, task, cfg)
-    if isinstance(prompt, str):
-        result.prompt = prompt
     stats["computed"] += 1
     record = _record(result, key, cfg)
     _write(record, folder)
