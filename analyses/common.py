@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import workbench as wb
-from workbench import control_cache
+from workbench.analysis import control_cache
 from workbench.cli.control import add_search_options, search_config
-from workbench.search import SelfControlConfig
+from workbench.selfcontrol.search import SelfControlConfig
 
 
 def base_parser(description: str, default_out: str) -> argparse.ArgumentParser:

@@ -18,9 +18,9 @@ import torch
 
 import workbench as wb
 from analyses.common import base_parser, out_dir, timed
-from workbench.search import self_control
-from workbench.suffix import score_responses, suffix_gradients
-from workbench.tasks import get_task
+from workbench.selfcontrol.search import self_control
+from workbench.selfcontrol.suffix import score_responses, suffix_gradients
+from workbench.selfcontrol.tasks import get_task
 
 
 def main() -> None:

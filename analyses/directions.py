@@ -17,8 +17,9 @@ from __future__ import annotations
 import csv
 
 from analyses.common import Study, base_parser
-from workbench import control_cache, plotting
-from workbench.directions import (
+from workbench import plotting
+from workbench.analysis import control_cache
+from workbench.analysis.directions import (
     gradient_directions,
     plot_consistency,
     plot_cosine_matrix,
@@ -27,8 +28,8 @@ from workbench.directions import (
     task_cosines,
     trajectory_pca,
 )
-from workbench.norms import EMOTION_TASKS
-from workbench.tasks import get_task
+from workbench.analysis.norms import EMOTION_TASKS
+from workbench.selfcontrol.tasks import get_task
 
 
 def main(argv: list[str] | None = None) -> None:

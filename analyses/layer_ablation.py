@@ -12,9 +12,10 @@ window centre), ``layer_ablation.csv`` and ``layer_ablation.json``.
 from __future__ import annotations
 
 from analyses.common import Study, base_parser, write_rows
-from workbench import control_cache, plotting
-from workbench.ablation import layer_window_ablation, plot_layer_ablation
-from workbench.tasks import get_task
+from workbench import plotting
+from workbench.analysis import control_cache
+from workbench.analysis.ablation import layer_window_ablation, plot_layer_ablation
+from workbench.selfcontrol.tasks import get_task
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from analyses.common import Study, base_parser, write_rows
 from workbench import plotting
-from workbench.norms import EMOTION_TASKS, MEASURES, analyze_norms, norm_heatmap
-from workbench.search import config_dict
+from workbench.analysis.norms import EMOTION_TASKS, MEASURES, analyze_norms, norm_heatmap
+from workbench.selfcontrol.search import config_dict
 
 
 def main(argv: list[str] | None = None) -> None:

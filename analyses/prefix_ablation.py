@@ -21,11 +21,11 @@ import torch
 
 import workbench as wb
 from analyses.common import base_parser, out_dir
-from workbench.prefix import PrefixController, evaluate_errors, train_prefix
-from workbench.search import SelfControlConfig
-from workbench.suffix import score_responses
-from workbench.synthesis import load_records, synthesize
-from workbench.tasks import get_task
+from workbench.prefix.controller import PrefixController, evaluate_errors, train_prefix
+from workbench.prefix.synthesis import load_records, synthesize
+from workbench.selfcontrol.search import SelfControlConfig
+from workbench.selfcontrol.suffix import score_responses
+from workbench.selfcontrol.tasks import get_task
 
 
 def windows(n_layers: int) -> dict[str, list[int] | None]:

@@ -23,12 +23,12 @@ import torch
 
 import workbench as wb
 from analyses.common import base_parser, out_dir
-from workbench.judges import bootstrap_ci
-from workbench.prefix import PrefixController, train_prefix
-from workbench.search import SelfControlConfig
-from workbench.suffix import score_responses
-from workbench.synthesis import read_index, synthesize
-from workbench.tasks import get_task
+from workbench.evaluation.judges import bootstrap_ci
+from workbench.prefix.controller import PrefixController, train_prefix
+from workbench.prefix.synthesis import read_index, synthesize
+from workbench.selfcontrol.search import SelfControlConfig
+from workbench.selfcontrol.suffix import score_responses
+from workbench.selfcontrol.tasks import get_task
 
 
 def interleaved_ratio(model, controller: PrefixController, ids: list[int], tokens: int, repeats: int) -> dict:

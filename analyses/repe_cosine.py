@@ -17,10 +17,10 @@ import csv
 
 from analyses.common import Study, base_parser
 from workbench import plotting
-from workbench.directions import gradient_directions
-from workbench.norms import EMOTION_TASKS
-from workbench.repe import ReadingVector, gradient_cosines, split_pairs
-from workbench.tasks import get_task
+from workbench.analysis.directions import gradient_directions
+from workbench.analysis.norms import EMOTION_TASKS
+from workbench.analysis.repe import ReadingVector, gradient_cosines, split_pairs
+from workbench.selfcontrol.tasks import get_task
 
 
 def main(argv: list[str] | None = None) -> None:

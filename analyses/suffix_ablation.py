@@ -15,7 +15,7 @@ import numpy as np
 
 from analyses.common import Study, base_parser, write_rows
 from workbench import plotting
-from workbench.ablation import suffix_ablation
+from workbench.analysis.ablation import suffix_ablation
 
 
 def main(argv: list[str] | None = None) -> None:

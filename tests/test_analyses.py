@@ -16,7 +16,7 @@ def home(tmp_path, monkeypatch):
     """A fresh control cache per test, so each study computes what it reports."""
     cache = tmp_path / "home"
     (cache).mkdir()
-    from workbench.loading import workbench_home
+    from workbench.model.loading import workbench_home
 
     (cache / "models").symlink_to(workbench_home() / "models", target_is_directory=True)
     monkeypatch.setenv("WORKBENCH_HOME", str(cache))

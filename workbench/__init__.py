@@ -1,6 +1,5 @@
 """SelfControl workbench: steer and study LLM behaviour with suffix gradients."""
 
-from .control import Control
 from .errors import (
     IncompatibleArtifactError,
     InputError,
@@ -8,29 +7,30 @@ from .errors import (
     NumericalError,
     WorkbenchError,
 )
-from .generation import Generation, generate
-from .loading import EMBEDDED_ID, load_model, workbench_home
-from .model import HookedChatModel
-from .search import SelfControlConfig, SelfControlResult, self_control
-from .suffix import SuffixGradients, score_responses, suffix_gradients, suffix_score
-from .tasks import ContrastPair, Task, get_task, list_tasks
+from .model.chat_model import HookedChatModel
+from .model.generation import Generation, generate
+from .model.loading import EMBEDDED_ID, load_model, workbench_home
+from .selfcontrol.control import Control
+from .selfcontrol.search import SelfControlConfig, SelfControlResult, self_control
+from .selfcontrol.suffix import SuffixGradients, score_responses, suffix_gradients, suffix_score
+from .selfcontrol.tasks import ContrastPair, Task, get_task, list_tasks
 
 # Analyses, prefix controllers and evaluation import matplotlib / scikit-learn;
 # they load on first use so that `import workbench` stays light.
 _LAZY = {
-    "analyze_norms": "norms",
-    "norm_heatmap": "norms",
-    "gradient_directions": "directions",
-    "trajectory_pca": "directions",
-    "ReadingVector": "repe",
-    "gradient_cosines": "repe",
-    "layer_window_ablation": "ablation",
-    "suffix_ablation": "ablation",
-    "synthesize": "synthesis",
-    "PrefixController": "prefix",
-    "train_prefix": "prefix",
-    "evaluate": "evaluation",
-    "check_task": "judge_check",
+    "analyze_norms": "analysis.norms",
+    "norm_heatmap": "analysis.norms",
+    "gradient_directions": "analysis.directions",
+    "trajectory_pca": "analysis.directions",
+    "ReadingVector": "analysis.repe",
+    "gradient_cosines": "analysis.repe",
+    "layer_window_ablation": "analysis.ablation",
+    "suffix_ablation": "analysis.ablation",
+    "synthesize": "prefix.synthesis",
+    "PrefixController": "prefix.controller",
+    "train_prefix": "prefix.controller",
+    "evaluate": "evaluation.runner",
+    "check_task": "evaluation.judge_check",
 }
 
 

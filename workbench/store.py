@@ -9,15 +9,22 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .errors import IncompatibleArtifactError
 
-if TYPE_CHECKING:
-    from .model import HookedChatModel
+
+class ModelIdentity(Protocol):
+    """What an artifact is checked against: the model's id and width (shared ground imports no stage)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def d_model(self) -> int: ...
 
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
@@ -57,7 +64,7 @@ def read_config(folder: str | Path, kind: str) -> dict[str, Any]:
     return config
 
 
-def check_model(config: dict[str, Any], model: HookedChatModel, what: str) -> None:
+def check_model(config: dict[str, Any], model: ModelIdentity, what: str) -> None:
     if config.get("model_id") != model.model_id:
         raise IncompatibleArtifactError(
             f"this {what} was made for model {config.get('model_id')!r} and cannot be applied to {model.model_id!r}; "
@@ -67,7 +74,7 @@ def check_model(config: dict[str, Any], model: HookedChatModel, what: str) -> No
         raise IncompatibleArtifactError(f"this {what} has d_model {config['d_model']}, the model {model.d_model}")
 
 
-def load_artifact(folder: str | Path, kind: str, model: HookedChatModel | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def load_artifact(folder: str | Path, kind: str, model: ModelIdentity | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
     config = read_config(folder, kind)
     if model is not None:
         check_model(config, model, kind)

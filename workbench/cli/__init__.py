@@ -2,7 +2,8 @@
 
 Each submodule of this package registers one group of commands with
 :func:`command`; they are discovered automatically, so a new group is a new
-file. Commands are thin wrappers over library functions.
+file. Commands are thin wrappers over library functions. May import every
+stage (the top of the pipeline), lazily inside handlers so ``--help`` stays fast.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def common_options() -> argparse.ArgumentParser:
 
 def load(args: argparse.Namespace):
     """The model named by the common options."""
-    from ..loading import load_model
+    from ..model.loading import load_model
 
     return load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
 

@@ -33,7 +33,7 @@ def chat(args: argparse.Namespace) -> int:
     model = load(args)
     controller = None
     if args.prefix:
-        from ..prefix import PrefixController
+        from ..prefix.controller import PrefixController
 
         controller = PrefixController.load(args.prefix, model)
     start = time.perf_counter()

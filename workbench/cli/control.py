@@ -9,7 +9,7 @@ from . import command, load
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
-    """Every knob of :class:`workbench.search.SelfControlConfig` as a flag."""
+    """Every knob of :class:`workbench.selfcontrol.search.SelfControlConfig` as a flag."""
     g = parser.add_argument_group("search")
     g.add_argument("--iterations", type=int, default=3)
     g.add_argument("--initial-step", type=float, default=None, help="eta0 (h <- h + eta*grad(loss)); default -0.001 relative, -0.5 absolute")
@@ -29,7 +29,7 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
 
 
 def search_config(args: argparse.Namespace):
-    from ..search import SelfControlConfig
+    from ..selfcontrol.search import SelfControlConfig
 
     return SelfControlConfig(
         iterations=args.iterations, initial_step=args.initial_step, step_scale=args.step_scale, n_steps=args.n_steps,
@@ -60,7 +60,7 @@ def _print_result(result) -> None:
 
 @command("control", "run SelfControl on one prompt and print before/after with scores", _control_args)
 def control(args: argparse.Namespace) -> int:
-    from ..search import self_control
+    from ..selfcontrol.search import self_control
 
     model = load(args)
     result = self_control(model, args.prompt, args.task, search_config(args))
@@ -81,8 +81,8 @@ def _demo_args(parser: argparse.ArgumentParser) -> None:
 
 @command("demo", "the main demo: SelfControl on the embedded model for one prompt", _demo_args)
 def demo(args: argparse.Namespace) -> int:
-    from ..search import self_control
-    from ..tasks import get_task
+    from ..selfcontrol.search import self_control
+    from ..selfcontrol.tasks import get_task
 
     model = load(args)
     task = get_task(args.task)

@@ -12,7 +12,7 @@ from .control import add_search_options, search_config
 
 def _tasks(text: str) -> list[str]:
     """Comma-separated task ids; ``emotion`` = the tasks with an NRC lexicon, ``all`` = every shipped task."""
-    from ..tasks import get_task, list_tasks
+    from ..selfcontrol.tasks import get_task, list_tasks
 
     out: list[str] = []
     for item in (t.strip() for t in text.split(",")):
@@ -47,7 +47,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "compare control methods on held-out prompts with the clean self-judge and independent judges", _evaluate_args)
 def evaluate_command(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate, evaluate_from_config, write_summary
+    from ..evaluation.runner import evaluate, evaluate_from_config, write_summary
 
     if args.summary_only:
         summary = write_summary(args.out)
@@ -79,7 +79,7 @@ def _judge_check_args(parser: argparse.ArgumentParser) -> None:
 
 @command("judge-check", "how well the model's suffix score separates each task's contrast pairs (ROC AUC)", _judge_check_args)
 def judge_check_command(args: argparse.Namespace) -> int:
-    from ..judge_check import judge_check
+    from ..evaluation.judge_check import judge_check
 
     result = judge_check(load(args), _tasks(args.task), paraphrases=args.paraphrases, progress=not args.json)
     paths = result.save(args.out)

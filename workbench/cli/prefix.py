@@ -23,7 +23,7 @@ def _synthesize_args(parser: argparse.ArgumentParser) -> None:
 
 @command("synthesize", "run SelfControl on a task's prompts and store controlled hidden states (resumable)", _synthesize_args)
 def synthesize_cmd(args: argparse.Namespace) -> int:
-    from ..synthesis import read_index, synthesize
+    from ..prefix.synthesis import read_index, synthesize
 
     model = load(args)
     folder = synthesize(model, args.task, args.split, args.out, limit=args.limit, config=search_config(args),
@@ -61,7 +61,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 @command("train-prefix", "train a prefix controller on synthesised data and save it", _train_args)
 def train_cmd(args: argparse.Namespace) -> int:
-    from ..prefix import train_prefix
+    from ..prefix.controller import train_prefix
 
     model = load(args)
     residual = None if args.residual_layers == "all" else (_layers(args.residual_layers) or [])

@@ -1,0 +1,227 @@
+import csv
+import json
+
+import pytest
+
+from workbench.cli import main
+from workbench.errors import InputError
+from workbench.evaluation.methods import Method, NoControl
+from workbench.evaluation.runner import (
+    evaluate,
+    evaluate_from_config,
+    read_records,
+    resolve_prompts,
+    summarize,
+    write_summary,
+)
+from workbench.selfcontrol.tasks import get_task
+
+TASK = get_task("angry2peaceful")
+PROMPTS = TASK.split("test")[:2]
+FAST = {"max_new_tokens": 4, "progress": False}
+
+
+def _lines(folder):
+    return (folder / "results.jsonl").read_text().splitlines()
+
+
+def _keys(records):
+    return [(r["task"], r["method"], r["prompt"]) for r in records]
+
+
+# ---------------------------------------------------------------- prompts
+def test_resolve_prompts_from_split_list_dict_and_file(tmp_path):
+    tasks = [TASK, get_task("helpful")]
+    assert resolve_prompts(tasks, "test") == {t.id: t.split("test") for t in tasks}
+    assert resolve_prompts(tasks, "test", limit=2)["helpful"] == get_task("helpful").split("test")[:2]
+    assert resolve_prompts(tasks, ["a?", "b?"]) == {"angry2peaceful": ["a?", "b?"], "helpful": ["a?", "b?"]}
+    mapping = {"angry2peaceful": ["x?"], "helpful": ["y?", "z?"]}
+    (tmp_path / "p.json").write_text(json.dumps(mapping))
+    (tmp_path / "l.json").write_text(json.dumps(["q?"]))
+    assert resolve_prompts(tasks, str(tmp_path / "p.json")) == mapping
+    assert resolve_prompts(tasks, tmp_path / "l.json") == {"angry2peaceful": ["q?"], "helpful": ["q?"]}
+    with pytest.raises(InputError, match="no prompts for task"):
+        resolve_prompts(tasks, {"helpful": ["y?"]})
+    with pytest.raises(InputError, match="no split"):
+        resolve_prompts(tasks, "validation")
+    with pytest.raises(InputError, match="duplicates"):
+        resolve_prompts(tasks, ["a?", "a?"])
+    with pytest.raises(InputError, match="cannot read"):
+        resolve_prompts(tasks, str(tmp_path / "missing.json"))
+    with pytest.raises(InputError, match="non-empty"):
+        resolve_prompts(tasks, [""])
+
+
+# ---------------------------------------------------------------- results file
+def test_read_records_drops_a_torn_last_line_and_refuses_a_corrupt_middle(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3, "tor')
+    assert read_records(path) == [{"a": 1}, {"a": 2}]
+    assert path.read_text().endswith("tor")
+    assert read_records(path, repair=True) == [{"a": 1}, {"a": 2}]
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": 3}')  # complete JSON but no newline: may be half of a longer line
+    assert read_records(path, repair=True) == [{"a": 1}, {"a": 2}]
+    path.write_text('{"a": 1}\nnot json\n{"a": 3}\n')
+    with pytest.raises(InputError, match="corrupt line"):
+        read_records(path)
+    assert read_records(tmp_path / "none.jsonl") == []
+
+
+# ---------------------------------------------------------------- summary on known data
+def test_summarize_means_and_paired_change_on_known_data():
+    records = []
+    for i, (a, b) in enumerate([(0.1, 0.2), (0.2, 0.3), (0.3, 0.4)]):
+        records.append({"task": "t", "method": "none", "prompt": f"p{i}", "suffix_score": a, "seconds": 1.0,
+                        "perplexity": None, "degenerate": None})
+        records.append({"task": "t", "method": "prompt", "prompt": f"p{i}", "suffix_score": b, "seconds": 2.0,
+                        "perplexity": 3.0, "degenerate": "empty" if i == 0 else None})
+    s = summarize(records)["t"]
+    assert s["none"]["n"] == 3 and s["none"]["suffix_score_mean"] == pytest.approx(0.2)
+    low, high = s["none"]["suffix_score_ci95"]
+    assert 0.1 <= low < 0.2 < high <= 0.3
+    assert s["prompt"]["suffix_score_delta_vs_none"] == pytest.approx(0.1)
+    assert s["prompt"]["suffix_score_delta_ci95"] == pytest.approx([0.1, 0.1])  # every paired difference is 0.1
+    assert s["prompt"]["seconds_delta_vs_none"] == pytest.approx(1.0)
+    assert "perplexity_mean" not in s["none"] and s["prompt"]["perplexity_mean"] == 3.0
+    assert "perplexity_delta_vs_none" not in s["prompt"]  # no finite baseline to pair with
+    assert s["prompt"]["n_degenerate"] == 1 and "suffix_score_delta_vs_none" not in s["none"]
+
+
+# ---------------------------------------------------------------- the runner
+def test_run_writes_every_output_and_resumes_after_a_torn_line(tiny, tmp_path):
+    out = tmp_path / "run"
+    first = evaluate(tiny, [TASK], "none,prompt", PROMPTS, out, **FAST)
+    lines = _lines(out)
+    assert len(lines) == 4 and len(set(_keys(first.records))) == 4
+    record = json.loads(lines[0])
+    assert set(record) >= {"task", "method", "prompt", "prompt_index", "response", "response_ids", "seconds",
+                           "suffix_score", "nll", "perplexity", "vader_compound", "lexicon_target_rate",
+                           "lexicon_opposite_rate", "distinct_2", "degenerate", "n_tokens", "info"}
+    assert 0 < record["suffix_score"] < 1 and record["perplexity"] > 1
+
+    # output formats
+    summary = json.loads((out / "summary.json").read_text())
+    for method in ("none", "prompt"):
+        entry = summary["tasks"]["angry2peaceful"][method]
+        for key in ("n", "suffix_score_mean", "lexicon_target_rate_mean", "vader_compound_mean", "perplexity_mean",
+                    "seconds_mean", "suffix_score_ci95", "distinct_2_mean"):
+            assert key in entry, key
+        assert entry["n"] == 2
+    assert "suffix_score_delta_vs_none" in summary["tasks"]["angry2peaceful"]["prompt"]
+    with (out / "summary.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["task"], r["method"]) for r in rows] == [("angry2peaceful", "none"), ("angry2peaceful", "prompt")]
+    assert {"suffix_score_mean", "suffix_score_ci_low", "vader_compound_delta_vs_none"} <= set(rows[0])
+    md = (out / "summary.md").read_text()
+    assert "| angry2peaceful | prompt | 2 |" in md and "NRC target rate" in md
+    assert (out / "summary.png").stat().st_size > 5000
+    config = json.loads((out / "config.json").read_text())
+    assert config["prompts"] == {"angry2peaceful": PROMPTS} and config["decoding"]["max_new_tokens"] == 4
+    assert config["methods"] == ["none", "prompt"] and config["command"].endswith("config.json")
+
+    # a kill mid-write: keep one line and half of the next; the rerun redoes exactly the missing three
+    (out / "results.jsonl").write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    second = evaluate(tiny, [TASK], "none,prompt", PROMPTS, out, **FAST)
+    again = _lines(out)
+    assert again[0] == lines[0] and len(again) == 4
+    assert sorted(_keys(json.loads(x) for x in again)) == sorted(_keys(first.records))
+    assert [json.loads(x)["response_ids"] for x in again] == [json.loads(x)["response_ids"] for x in lines]
+    assert len(second.records) == 4
+
+    # a rerun from config.json has nothing left to do
+    third = evaluate_from_config(out / "config.json", model=tiny, progress=False)
+    assert _lines(out) == again and len(third.records) == 4
+
+
+class _Interrupting(Method):
+    name = "flaky"
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = 0, fail_at
+
+    def respond(self, model, task, prompt, decoding):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt
+        return NoControl().respond(model, task, prompt, decoding)
+
+
+def test_an_interrupted_run_keeps_finished_lines_and_completes_without_duplicates(tiny, tmp_path):
+    prompts = ["Hi there?", "How are you?", "Why?"]
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(tiny, [TASK], [NoControl(), _Interrupting(fail_at=2)], prompts, tmp_path, **FAST)
+    assert len(_lines(tmp_path)) == 3  # prompt 1: none + flaky; prompt 2: none, then the kill
+    result = evaluate(tiny, [TASK], [NoControl(), _Interrupting()], prompts, tmp_path, **FAST)
+    keys = _keys(json.loads(x) for x in _lines(tmp_path))
+    assert len(keys) == len(set(keys)) == 6 and len(result.records) == 6
+
+
+def test_resume_refuses_other_settings_and_summary_skips_prompts_not_asked_for(tiny, tmp_path):
+    evaluate(tiny, [TASK], "none", PROMPTS, tmp_path, **FAST)
+    with pytest.raises(InputError, match="different 'decoding'"):
+        evaluate(tiny, [TASK], "none", PROMPTS, tmp_path, max_new_tokens=5, progress=False)
+    result = evaluate(tiny, [TASK], "none", PROMPTS[:1], tmp_path, **FAST)
+    assert len(_lines(tmp_path)) == 2 and len(result.records) == 1
+    assert result.summary["tasks"]["angry2peaceful"]["none"]["n"] == 1
+    assert write_summary(tmp_path)["tasks"]["angry2peaceful"]["none"]["n"] == 1
+
+
+class _Knobs(NoControl):
+    name = "knobs"
+
+    def __init__(self, **knobs):
+        self.knobs = knobs
+
+    def settings(self):
+        return self.knobs
+
+
+def test_resume_compares_only_the_methods_and_knobs_both_runs_have(tiny, tmp_path):
+    evaluate(tiny, [TASK], [_Knobs(a=1, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    with pytest.raises(InputError, match="different 'method_settings'"):
+        evaluate(tiny, [TASK], [_Knobs(a=2, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    with pytest.raises(InputError, match="different 'method_settings'"):
+        evaluate(tiny, [TASK], [NoControl(), _Knobs(a=1, layers=(1, 3))], PROMPTS[:1], tmp_path, **FAST)
+    # a knob added since (or dropped), and a method added, do not block the resume; tuples match saved lists
+    evaluate(tiny, [TASK], [_Knobs(a=1, layers=(1, 2), b=0)], PROMPTS[:1], tmp_path, **FAST)
+    evaluate(tiny, [TASK], [_Knobs(layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    result = evaluate(tiny, [TASK], [NoControl(), _Knobs(a=1, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    assert sorted(_keys(result.records)) == [(TASK.id, "knobs", PROMPTS[0]), (TASK.id, "none", PROMPTS[0])]
+
+
+def test_non_emotion_task_has_no_lexicon_metric(tiny, tmp_path):
+    result = evaluate(tiny, "helpful", "none", ["Say hi?"], tmp_path, **FAST)
+    entry = result.summary["tasks"]["helpful"]["none"]
+    assert "lexicon_target_rate_mean" not in entry and "vader_compound_mean" in entry
+
+
+def test_cli_evaluate_and_summary_only(tmp_path, capsys):
+    (tmp_path / "p.json").write_text(json.dumps(["Hello?"]))
+    args = ["--model", "tiny-random", "--tasks", "angry2peaceful", "--methods", "none,prompt",
+            "--prompts", str(tmp_path / "p.json"), "--out", str(tmp_path / "o"), "--max-new-tokens", "3", "--json"]
+    assert main(["evaluate", *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["tasks"]["angry2peaceful"]["prompt"]["n"] == 1
+    assert main(["evaluate", "--out", str(tmp_path / "o"), "--summary-only"]) == 0
+    assert "| angry2peaceful | none | 1 |" in capsys.readouterr().out
+    assert main(["evaluate", "--model", "tiny-random", "--methods", "prefix", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_write_summary_pools_tasks_with_paired_changes(tmp_path):
+    records = []
+    for task in ("a", "b"):
+        for i in range(3):
+            for method, score in (("none", 0.4 + 0.01 * i), ("repe", 0.45 + 0.01 * i)):
+                records.append({"task": task, "method": method, "prompt": f"p{i}", "suffix_score": score,
+                                "vader_compound": 0.0, "seconds": 1.0, "perplexity": 2.0, "distinct_2": 1.0,
+                                "degenerate": None, "info": {}})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (tmp_path / "config.json").write_text(json.dumps({"model_id": "m", "tasks": ["a", "b"], "methods": ["none", "repe"]}))
+    summary = write_summary(tmp_path)
+    assert summary["tasks"]["a"]["repe"]["n"] == 3
+    assert summary["pooled"]["repe"]["n"] == 6  # same prompt text in two tasks counts twice
+    assert summary["pooled"]["repe"]["suffix_score_delta_vs_none"] == pytest.approx(0.05)
+    assert "| all tasks (pooled) | repe | 6 |" in (tmp_path / "summary.md").read_text()
+    with (tmp_path / "summary.csv").open() as fh:
+        assert [r["task"] for r in csv.DictReader(fh)] == ["a", "a", "b", "b", "all tasks (pooled)", "all tasks (pooled)"]

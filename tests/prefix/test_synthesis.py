@@ -1,0 +1,127 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from workbench.errors import IncompatibleArtifactError, InputError
+from workbench.prefix.synthesis import INDEX, capture_states, load_records, read_index, synthesize
+from workbench.selfcontrol.control import Control
+from workbench.selfcontrol.search import SelfControlConfig
+
+FAST = SelfControlConfig(iterations=1, n_steps=2, max_new_tokens=3, progress=False)
+
+
+def test_capture_states_sees_the_control(tiny):
+    ids = tiny.chat_ids("hello there")
+    clean = capture_states(tiny, ids)
+    assert clean.shape == (tiny.n_layers, len(ids), tiny.d_model) and clean.dtype == torch.float32
+    names = tiny.hook_names()
+    control = Control({names[0]: torch.randn(len(ids), tiny.d_model)}, tiny.model_id)
+    controlled = capture_states(tiny, ids, control=control)
+    # the first hook's captured state is exactly clean + delta; later layers move too
+    torch.testing.assert_close(controlled[0] - clean[0], control.deltas[names[0]], atol=1e-5, rtol=1e-5)
+    assert (controlled[-1] - clean[-1]).abs().max() > 1e-3
+
+
+def test_synthesize_writes_records_and_resumes(tiny, tmp_path):
+    out = synthesize(tiny, "angry2peaceful", "train", tmp_path / "d", limit=2, config=FAST, progress=False)
+    manifest, records = load_records(out, tiny)
+    assert manifest["model_id"] == tiny.model_id and manifest["task"]["id"] == "angry2peaceful"
+    assert len(records) == 2
+    for r in records:
+        assert r.hidden.shape == (tiny.n_layers, len(r.prompt_ids), tiny.d_model) and r.hidden.device == tiny.device
+        assert r.control.prompt_len == len(r.prompt_ids)
+        assert torch.equal(r.hidden, capture_states(tiny, r.prompt_ids, control=r.control))
+        for key in ("initial_score", "score", "nll", "original_nll", "shift_fraction", "control_norm"):
+            assert key in r.info
+    first_keys = [e["key"] for e in read_index(out)[0]]
+    synthesize(tiny, "angry2peaceful", "train", out, limit=3, config=FAST, progress=False)
+    entries = read_index(out)[0]
+    assert [e["key"] for e in entries][:2] == first_keys and len(entries) == 3  # the first two were not redone
+    assert [e["index"] for e in entries] == [0, 1, 2]
+
+
+def test_synthesize_refuses_other_settings_and_models(tiny, tiny_mha, tmp_path):
+    out = synthesize(tiny, "angry2peaceful", ["hi there"], tmp_path / "d", config=FAST, progress=False)
+    with pytest.raises(InputError, match="config.max_new_tokens"):
+        synthesize(tiny, "angry2peaceful", ["hi there"], out, config=SelfControlConfig(iterations=1, n_steps=2, max_new_tokens=5))
+    with pytest.raises(InputError, match="task"):
+        synthesize(tiny, "happy2sad", ["hi there"], out, config=FAST, progress=False)
+    with pytest.raises(InputError, match="model_id"):
+        synthesize(tiny_mha, "angry2peaceful", ["hi there"], out, config=FAST, progress=False)
+    with pytest.raises(IncompatibleArtifactError, match="synthesised on"):
+        load_records(out, tiny_mha)
+
+
+def test_torn_last_index_line_is_ignored_and_cut(tiny, tmp_path):
+    out = synthesize(tiny, "angry2peaceful", ["one", "two"], tmp_path / "d", config=FAST, progress=False)
+    with open(out / INDEX, "a") as f:
+        f.write('{"key": "00001-torn", "prom')
+    entries, _ = read_index(out)
+    assert len(entries) == 2
+    synthesize(tiny, "angry2peaceful", ["one", "two", "three"], out, config=FAST, progress=False)
+    lines = (out / INDEX).read_text().splitlines()
+    assert len(lines) == 3 and all(json.loads(line) for line in lines)
+
+
+SCRIPT = """
+import os, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch
+torch.set_num_threads(1)
+import workbench as wb
+from workbench.selfcontrol.search import SelfControlConfig
+from workbench.prefix.synthesis import synthesize
+from workbench.prefix import synthesis
+write, calls = synthesis._write_record, []
+def write_then_die(*args, **kwargs):  # the third record is on disk, its index line is not: SIGKILL now
+    write(*args, **kwargs)
+    calls.append(1)
+    if len(calls) == 3:
+        os.kill(os.getpid(), 9)
+synthesis._write_record = write_then_die
+model = wb.load_model("tiny-random", progress=False)
+synthesize(model, "angry2peaceful", "train", sys.argv[1], limit=int(sys.argv[2]),
+           config=SelfControlConfig(iterations=1, n_steps=2, max_new_tokens=3), progress=False)
+"""
+
+
+def _all_files_load(folder: Path) -> int:
+    n = 0
+    for path in folder.rglob("*"):
+        if path.is_file() and path.suffix == ".safetensors":
+            load_file(path)
+            n += 1
+        elif path.is_file() and path.suffix == ".json":
+            json.loads(path.read_text())
+    return n
+
+
+def test_synthesis_survives_sigkill(tiny, tmp_path):
+    out = tmp_path / "killed"
+    limit = 5
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(limit)], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    done_before, _ = read_index(out)
+    assert len(done_before) == 2  # the prompt in flight (its record written, its index line not) is lost
+    assert _all_files_load(out) >= len(done_before)
+    _, records = load_records(out, tiny)
+    assert len(records) == len(done_before)
+    stamps = {e["key"]: (out / "records" / e["key"] / "tensors.safetensors").stat().st_mtime_ns for e in done_before}
+
+    synthesize(tiny, "angry2peaceful", "train", out, limit=limit, config=FAST, progress=False)
+    entries, _ = read_index(out)
+    keys = [e["key"] for e in entries]
+    assert len(entries) == limit and len(set(keys)) == limit
+    assert keys[: len(done_before)] == [e["key"] for e in done_before]
+    for key, stamp in stamps.items():  # finished prompts were not redone
+        assert (out / "records" / key / "tensors.safetensors").stat().st_mtime_ns == stamp
+    assert not list((out / "records").glob(".tmp-*"))
+    _all_files_load(out)

@@ -1,0 +1,182 @@
+"""The hooked chat model every other module works with.
+
+It holds the TransformerBridge (classic hook names, raw HF weights), the
+tokenizer, sizes read from the config (never assumed), and chat formatting
+through the tokenizer's own template. Everything downstream stays in token ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from ..errors import InputError
+
+RESIDUAL_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+BLOCK_POINTS = (*RESIDUAL_POINTS, "hook_attn_out", "hook_mlp_out")
+
+
+@dataclass(eq=False)
+class HookedChatModel:
+    """A chat LM behind TransformerLens hooks.
+
+    ``bridge`` runs every forward that hooks must see (prefill, gradients).
+    ``decoder`` is the same HF network sharing the bridge's weight tensors,
+    without hook points: cached decode steps run through it so hooked
+    generation costs what HF-native generation costs (see generation.py).
+    """
+
+    bridge: Any
+    tokenizer: Any
+    model_id: str
+    decoder: torch.nn.Module
+    source: str = ""
+    cache_path: str | None = None
+    extra: dict = field(default_factory=dict)
+    # Ids placed at the very start of every generated row, before any left padding, so
+    # they sit at positions [0, len) in every row; a prefix controller sets these to
+    # placeholders whose embeddings its hooks replace (see prefix.py).
+    prefix_ids: list[int] = field(default_factory=list)
+
+    # ---- sizes -------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        return self.decoder.config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.bridge.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.bridge.cfg.d_model)
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.bridge.cfg.n_ctx)
+
+    @property
+    def d_vocab(self) -> int:
+        return int(self.decoder.get_output_embeddings().weight.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.decoder.parameters()).dtype
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = self.decoder.generation_config.eos_token_id
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return ids
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else self.eos_token_ids[0])
+
+    # ---- hook names --------------------------------------------------
+    def hook_name(self, layer: int, point: str = "hook_resid_post") -> str:
+        """Canonical hook name ``blocks.{layer}.{point}``, validated."""
+        if not 0 <= layer < self.n_layers:
+            raise InputError(f"layer {layer} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
+        name = f"blocks.{layer}.{point}"
+        if name not in self.bridge.hook_dict:
+            raise InputError(f"unknown hook point {point!r}; try one of {', '.join(BLOCK_POINTS)}")
+        return name
+
+    def hook_names(self, layers: Sequence[int] | None = None, point: str = "hook_resid_post") -> list[str]:
+        layers = range(self.n_layers) if layers is None else layers
+        return [self.hook_name(layer, point) for layer in layers]
+
+    # ---- chat formatting ---------------------------------------------
+    def chat_ids(
+        self,
+        user_text: str,
+        history: Sequence[dict[str, str]] | None = None,
+        system: str | None = None,
+    ) -> list[int]:
+        """Token ids of a conversation ending with an open assistant turn."""
+        if not isinstance(user_text, str) or not user_text.strip():
+            raise InputError("empty prompt: pass a non-empty user message")
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += list(history or []) + [{"role": "user", "content": user_text}]
+        ids = self._template_ids(messages, add_generation_prompt=True)
+        self.check_length(len(ids))
+        return ids
+
+    def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+        """The tokenizer's own chat template, as text (no tokenisation)."""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InputError(f"{self.model_id} has no chat template; load an instruct/chat model")
+        return self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def _template_ids(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        return self.encode(self.render(messages, add_generation_prompt))
+
+    def encode(self, text: str) -> list[int]:
+        """Tokenise template text verbatim (special tags parsed, no BOS added)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int] | Tensor, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def check_length(self, n_tokens: int, max_new_tokens: int = 0) -> None:
+        if n_tokens == 0:
+            raise InputError("empty prompt: no tokens to run")
+        if n_tokens + max_new_tokens > self.n_ctx:
+            raise InputError(
+                f"prompt of {n_tokens} tokens + {max_new_tokens} new tokens exceeds the context "
+                f"of {self.n_ctx} tokens for {self.model_id}; shorten the prompt or max_new_tokens"
+            )
+
+    def active_hooks(self) -> int:
+        """Hooks registered on the bridge's hook points (controls, reading vectors, prefixes act there)."""
+        return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in self.bridge.hook_dict.values())
+
+    def as_tensor(self, ids: Sequence[int] | Tensor) -> Int[Tensor, "batch pos"]:
+        t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
+        return t.unsqueeze(0) if t.ndim == 1 else t
+
+    # ---- convenience ---------------------------------------------------
+    def generate(self, prompts: Any, **kwargs: Any) -> Any:
+        """:func:`workbench.model.generation.generate` on this model; returns its ``Generation``.
+
+        Imported on call: generation builds on the model, not the other way round.
+        """
+        from .generation import generate
+
+        return generate(self, prompts, **kwargs)
+
+    def chat(self, user_text: str, max_new_tokens: int = 64, **kwargs: Any) -> str:
+        """Answer one user message (greedy by default) and return the text."""
+        return self.generate([self.chat_ids(user_text)], max_new_tokens=max_new_tokens, **kwargs).texts[0]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "source": self.source,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_ctx": self.n_ctx,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "cache_path": self.cache_path,
+        }
+
+    def __repr__(self) -> str:
+        return f"HookedChatModel({self.model_id!r}, n_layers={self.n_layers}, d_model={self.d_model}, device={self.device}, dtype={self.dtype})"

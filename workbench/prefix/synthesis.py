@@ -1,0 +1,294 @@
+"""Training data for a prefix controller: SelfControl's controlled hidden states, one record per prompt.
+
+Why on disk, one record at a time: a search costs seconds per prompt, so a
+long run must survive being killed. Each record is written to a hidden temp
+folder and renamed into place (a reader never sees half a record); then one
+line is appended to ``index.jsonl`` and fsynced. The index line is the commit:
+a record folder without one is redone, a torn last line is ignored and cut off
+on resume. ``manifest.json`` pins model, task and search settings, and a rerun
+with different ones is refused (mixing them would make the data meaningless).
+
+Filters (score improved, hidden-state shift small) are *not* applied here:
+the data keeps every outcome and :func:`workbench.prefix.train_prefix` filters
+with counted reasons, so one synthesis serves several filter settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..errors import IncompatibleArtifactError, InputError
+from ..selfcontrol.control import Control
+from ..selfcontrol.search import SelfControlConfig, config_dict, self_control
+from ..selfcontrol.tasks import Task, get_task
+from ..store import load_artifact, save_artifact
+
+if TYPE_CHECKING:
+    from ..model.chat_model import HookedChatModel
+
+RECORD_KIND = "synthesis_record"
+MANIFEST = "manifest.json"
+INDEX = "index.jsonl"
+RECORDS = "records"
+FORMAT_VERSION = 1
+STATE_POINT = "hook_resid_post"
+
+
+# ---- hidden states ---------------------------------------------------------------
+@torch.no_grad()
+def capture_states(
+    model: HookedChatModel,
+    prompt_ids: Sequence[int],
+    hook_names: Sequence[str] | None = None,
+    control: Control | None = None,
+) -> Float[Tensor, "layer pos d_model"]:
+    """Residual stream at every prompt position and hook (default: all ``hook_resid_post``), float32.
+
+    With ``control`` its additions are applied first (its hooks are registered
+    before the capturing ones, so the capture sees the controlled stream).
+    """
+    names = list(hook_names or model.hook_names(None, STATE_POINT))
+    cache: dict[str, Tensor] = {}
+
+    def make(name: str):
+        def keep(resid: Tensor, hook: Any) -> Tensor:
+            cache[name] = resid[0].detach().float().clone()
+            return resid
+
+        return keep
+
+    ids = model.as_tensor(list(prompt_ids))
+    capture = [(n, make(n)) for n in names]
+    if control is not None:
+        with control.applied(model), model.bridge.hooks(fwd_hooks=capture):
+            model.bridge(ids)
+    else:
+        with model.bridge.hooks(fwd_hooks=capture):
+            model.bridge(ids)
+    return torch.stack([cache[n] for n in names])
+
+
+# ---- the dataset on disk ------------------------------------------------------------
+def record_key(index: int, prompt: str) -> str:
+    return f"{index:05d}-{hashlib.sha1(prompt.encode()).hexdigest()[:10]}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    path = Path(data_dir) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise InputError(f"{data_dir} holds no synthesised data ({MANIFEST} missing); run `python -m workbench synthesize` first") from err
+    except ValueError as err:
+        raise IncompatibleArtifactError(f"{path} is not valid JSON: {err}") from err
+    if manifest.get("kind") != "synthesis" or manifest.get("format_version") != FORMAT_VERSION:
+        raise IncompatibleArtifactError(f"{path} is not a synthesis manifest of format version {FORMAT_VERSION}")
+    return manifest
+
+
+def read_index(data_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Committed index entries, and the byte length of the intact part (a torn last line is dropped)."""
+    path = Path(data_dir) / INDEX
+    if not path.exists():
+        return [], 0
+    raw = path.read_bytes()
+    entries: list[dict[str, Any]] = []
+    good = 0
+    offset = 0
+    for line in raw.split(b"\n"):
+        end = offset + len(line) + 1
+        if end > len(raw):  # no newline after it: a torn (or empty) last line
+            break
+        if line.strip():
+            try:
+                entries.append(json.loads(line))
+            except ValueError as err:
+                raise IncompatibleArtifactError(f"{path}: a corrupt line in the middle of the index ({err})") from err
+        good = end
+        offset = end
+    return entries, good
+
+
+def _open_index(data_dir: Path) -> Any:
+    """The index opened for appending, with any torn tail cut off first."""
+    path = data_dir / INDEX
+    _, good = read_index(data_dir)
+    if path.exists() and path.stat().st_size != good:
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return open(path, "a")
+
+
+def _check_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
+    path = data_dir / MANIFEST
+    if not path.exists():
+        _atomic_write(path, json.dumps(manifest, indent=2))
+        return
+    old = read_manifest(data_dir)
+    for key in ("model_id", "task", "config", "state_point"):
+        if old.get(key) != manifest.get(key):
+            diff = key
+            if isinstance(old.get(key), dict) and isinstance(manifest.get(key), dict):
+                diff = ", ".join(f"{key}.{k}" for k in sorted(set(old[key]) | set(manifest[key]))
+                                 if old[key].get(k) != manifest[key].get(k))
+            raise InputError(
+                f"{data_dir} was synthesised with a different {key} ({diff}): {old.get(key)!r} there vs "
+                f"{manifest.get(key)!r} now; use a new --out folder or the same settings to resume"
+            )
+
+
+# ---- records -----------------------------------------------------------------------
+@dataclass
+class Record:
+    """One synthesised prompt: the controlled hidden states and the control that produced them."""
+
+    key: str
+    prompt: str
+    prompt_ids: list[int]
+    hidden: Float[Tensor, "layer pos d_model"]  # controlled, at STATE_POINT of every layer
+    state_hooks: list[str]
+    control: Control
+    info: dict[str, Any] = field(default_factory=dict)  # scores, nll, norms, responses (the index line)
+
+    @property
+    def gain(self) -> float:
+        return float(self.info["score"] - self.info["initial_score"])
+
+    @property
+    def max_shift_fraction(self) -> float:
+        return float(self.info["max_shift_fraction"])
+
+
+def load_record(data_dir: str | Path, entry: dict[str, Any], model: HookedChatModel | None = None) -> Record:
+    """With ``model``, tensors go to its device once here (``hidden`` stays float32: it is the training target)."""
+    tensors, config = load_artifact(Path(data_dir) / RECORDS / entry["key"], RECORD_KIND, model=model)
+    deltas = {n: tensors[f"control.{n}"] for n in config["control_hooks"]}
+    hidden = tensors["hidden"]
+    if model is not None:
+        deltas = {n: d.to(device=model.device, dtype=model.dtype) for n, d in deltas.items()}
+        hidden = hidden.to(model.device)
+    return Record(key=entry["key"], prompt=entry["prompt"], prompt_ids=tensors["prompt_ids"].tolist(),
+                  hidden=hidden, state_hooks=list(config["state_hooks"]),
+                  control=Control(deltas, config["model_id"]), info=dict(entry))
+
+
+def load_records(data_dir: str | Path, model: HookedChatModel | None = None) -> tuple[dict[str, Any], list[Record]]:
+    """The manifest and every committed record (checked against ``model`` if given)."""
+    manifest = read_manifest(data_dir)
+    if model is not None and manifest["model_id"] != model.model_id:
+        raise IncompatibleArtifactError(
+            f"{data_dir} was synthesised on {manifest['model_id']!r}, not {model.model_id!r}; synthesise on this model"
+        )
+    entries, _ = read_index(data_dir)
+    return manifest, [load_record(data_dir, e, model) for e in entries]
+
+
+def _write_record(data_dir: Path, key: str, tensors: dict[str, Tensor], config: dict[str, Any]) -> None:
+    records = data_dir / RECORDS
+    tmp = records / f".tmp-{key}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_artifact(tmp, RECORD_KIND, tensors, config)
+    final = records / key
+    if final.exists():  # written by a run killed before its index line: redo it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _clean_temp(data_dir: Path) -> None:
+    records = data_dir / RECORDS
+    for tmp in records.glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def synthesize(
+    model: HookedChatModel,
+    task: Task | str,
+    prompts_or_split: str | Sequence[str],
+    out_dir: str | Path,
+    *,
+    limit: int | None = None,
+    config: SelfControlConfig | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run SelfControl on each prompt and append one record per prompt to ``out_dir`` (resumable).
+
+    ``prompts_or_split``: a split name of ``task`` (``"train"``) or a list of
+    prompt texts; ``limit`` keeps the first N. A rerun skips finished prompts.
+    Returns ``out_dir``.
+    """
+    task = get_task(task)
+    prompts = task.split(prompts_or_split) if isinstance(prompts_or_split, str) else list(prompts_or_split)
+    if limit is not None:
+        if limit < 1:
+            raise InputError("limit must be at least 1")
+        prompts = prompts[:limit]
+    if not prompts:
+        raise InputError("no prompts to synthesise")
+    cfg = replace(config or SelfControlConfig(), progress=False)
+    data_dir = Path(out_dir)
+    (data_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+    manifest = {"kind": "synthesis", "format_version": FORMAT_VERSION, "model_id": model.model_id,
+                "d_model": model.d_model, "n_layers": model.n_layers, "task": task.judge_dict(),
+                "config": config_dict(cfg), "state_point": STATE_POINT}
+    _check_manifest(data_dir, manifest)
+    _clean_temp(data_dir)
+    done = {e["key"] for e in read_index(data_dir)[0]}
+    keys = [record_key(i, p) for i, p in enumerate(prompts)]
+    todo = [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
+    state_hooks = model.hook_names(None, STATE_POINT)
+    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"synthesize [{task.id}]",
+               disable=not progress, unit="prompt")
+    with _open_index(data_dir) as index:
+        for i, key, prompt in todo:
+            start = time.perf_counter()
+            result = self_control(model, prompt, task, cfg)
+            clean = capture_states(model, result.prompt_ids, state_hooks)
+            hidden = capture_states(model, result.prompt_ids, state_hooks, control=result.control)
+            shift = (hidden - clean).norm(dim=(1, 2)) / clean.norm(dim=(1, 2)).clamp_min(1e-12)
+            tensors = {"prompt_ids": torch.as_tensor(result.prompt_ids, dtype=torch.long), "hidden": hidden}
+            tensors.update({f"control.{n}": d.detach().float() for n, d in result.control.deltas.items()})
+            _write_record(data_dir, key, tensors, {
+                "model_id": model.model_id, "d_model": model.d_model, "state_hooks": state_hooks,
+                "control_hooks": result.control.hook_names, "prompt": prompt, "task": task.id,
+            })
+            entry = {
+                "key": key, "index": i, "prompt": prompt, "prompt_ids": result.prompt_ids,
+                "initial_score": result.initial_score, "score": result.score, "gain": result.gain,
+                "original_nll": result.original_nll, "nll": result.nll,
+                "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
+                "shift_fraction": shift.tolist(), "max_shift_fraction": float(shift.max()),
+                "control_norm": result.control.norms().norm(dim=-1).tolist(),
+                "state_norm": clean.norm(dim=(1, 2)).tolist(),
+                "original_response": result.original_response, "response": result.response,
+                "seconds": round(time.perf_counter() - start, 3),
+            }
+            index.write(json.dumps(entry) + "\n")
+            index.flush()
+            os.fsync(index.fileno())
+            bar.update(1)
+            bar.set_postfix(gain=f"{result.gain:+.4f}")
+    bar.close()
+    return data_dir
