@@ -21,8 +21,9 @@ import torch
 
 import workbench as wb
 from analyses.common import base_parser, out_dir
-from workbench.prefix.controller import PrefixController, evaluate_errors, train_prefix
+from workbench.prefix.controller import PrefixController
 from workbench.prefix.synthesis import load_records, synthesize
+from workbench.prefix.training import evaluate_errors, train_prefix
 from workbench.selfcontrol.search import SelfControlConfig
 from workbench.selfcontrol.suffix import score_responses
 from workbench.selfcontrol.tasks import get_task

@@ -24,8 +24,9 @@ import torch
 import workbench as wb
 from analyses.common import base_parser, out_dir
 from workbench.evaluation.judges import bootstrap_ci
-from workbench.prefix.controller import PrefixController, train_prefix
+from workbench.prefix.controller import PrefixController
 from workbench.prefix.synthesis import read_index, synthesize
+from workbench.prefix.training import train_prefix
 from workbench.selfcontrol.search import SelfControlConfig
 from workbench.selfcontrol.suffix import score_responses
 from workbench.selfcontrol.tasks import get_task

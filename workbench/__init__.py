@@ -28,7 +28,7 @@ _LAZY = {
     "suffix_ablation": "analysis.ablation",
     "synthesize": "prefix.synthesis",
     "PrefixController": "prefix.controller",
-    "train_prefix": "prefix.controller",
+    "train_prefix": "prefix.training",
     "evaluate": "evaluation.runner",
     "check_task": "evaluation.judge_check",
 }

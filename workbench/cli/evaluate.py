@@ -47,7 +47,8 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "compare control methods on held-out prompts with the clean self-judge and independent judges", _evaluate_args)
 def evaluate_command(args: argparse.Namespace) -> int:
-    from ..evaluation.runner import evaluate, evaluate_from_config, write_summary
+    from ..evaluation.report import write_summary
+    from ..evaluation.runner import evaluate, evaluate_from_config
 
     if args.summary_only:
         summary = write_summary(args.out)

@@ -61,7 +61,7 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 @command("train-prefix", "train a prefix controller on synthesised data and save it", _train_args)
 def train_cmd(args: argparse.Namespace) -> int:
-    from ..prefix.controller import train_prefix
+    from ..prefix.training import train_prefix
 
     model = load(args)
     residual = None if args.residual_layers == "all" else (_layers(args.residual_layers) or [])
