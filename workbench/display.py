@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 STYLE = ("font-family: system-ui, sans-serif; font-size: 13px; line-height: 1.35; "
-         "border: 1px solid #ddd; border-radius: 4px; padding: 8px 12px; margin: 4px 0")
+         "border: 1px solid #ddd; border-radius: 4px; padding: 8px 12px; margin: 4px 0; overflow-x: auto")
 CELL = "border: 1px solid #e3e3e3; padding: 3px 6px; text-align: left; vertical-align: top"
 
 
