@@ -38,3 +38,7 @@ def test_notebook_executes(path, monkeypatch):
     assert not errors
     assert any(o.output_type in ("display_data", "execute_result") and "image/png" in o.get("data", {})
                for c in nb.cells if c.cell_type == "code" for o in c.outputs), "each notebook shows a figure"
+    if path.stem == "01_quickstart":  # the search result shows itself as HTML
+        html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                if o.output_type == "execute_result" and "text/html" in o.get("data", {})]
+        assert any(h.startswith("<div") and "SelfControl on angry2peaceful" in h and "trajectory" in h for h in html)

@@ -15,7 +15,7 @@ from .selfcontrol.search import SelfControlConfig, SelfControlResult, self_contr
 from .selfcontrol.suffix import SuffixGradients, score_responses, suffix_gradients, suffix_score
 from .selfcontrol.tasks import ContrastPair, Task, get_task, list_tasks
 
-# Analyses, prefix controllers and evaluation import matplotlib / scikit-learn;
+# Analyses, prefix controllers, preference learning and evaluation import matplotlib / scikit-learn;
 # they load on first use so that `import workbench` stays light.
 _LAZY = {
     "analyze_norms": "analysis.norms",
@@ -29,6 +29,8 @@ _LAZY = {
     "synthesize": "prefix.synthesis",
     "PrefixController": "prefix.controller",
     "train_prefix": "prefix.training",
+    "export_peft": "prefix.export",
+    "train_dpo": "preference.dpo",
     "evaluate": "evaluation.runner",
     "check_task": "evaluation.judge_check",
 }

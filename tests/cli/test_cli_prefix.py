@@ -35,3 +35,27 @@ def test_synthesize_train_generate_on_tiny_model(tmp_path):
     with PrefixController.load(ctrl, model).applied(model):
         prefixed = model.chat("hello", max_new_tokens=16)
     assert answer["response"] == prefixed != model.chat("hello", max_new_tokens=16)
+
+
+def test_export_prefix_writes_a_peft_adapter_and_refuses_residuals_for_prompt_tuning(tmp_path):
+    import torch
+
+    import workbench as wb
+    from workbench.prefix.controller import PrefixController
+
+    model = wb.load_model("tiny-random", progress=False)
+    controller = PrefixController.init(model, 2, residual_layers=(1,))
+    controller.residuals = {k: torch.ones_like(v) for k, v in controller.residuals.items()}
+    controller.save(tmp_path / "ctrl")
+
+    out = run("export-prefix", str(tmp_path / "ctrl"), "--peft", str(tmp_path / "peft"), "--model", "tiny-random", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["method"] == "prefix-tuning"
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 2
+    assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+    out = run("export-prefix", str(tmp_path / "ctrl"), "--peft", str(tmp_path / "prompt"), "--method", "prompt-tuning",
+              "--model", "tiny-random")
+    assert out.returncode == 2 and "error:" in out.stderr and "no per-layer vectors" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "prompt").exists()

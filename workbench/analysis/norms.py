@@ -166,6 +166,19 @@ class NormPattern:
             out.append(row)
         return out
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the mean layer of each measure, the per-layer table and the figure."""
+        from .. import display
+
+        gains = self.gains
+        head = display.fields({"prompts": len(self.prompts), "mean score gain": sum(gains) / len(gains) if gains else None,
+                               **{f"mean layer ({name})": f"{self.mean_layer(name):.1f}" for name in self.measures}})
+        rows = [{"layer": row["layer"], **{k: f"{v:.3g}" for k, v in row.items() if k.endswith(("_mean", "_std"))}}
+                for row in self.rows()]
+        return display.card(f"Norm pattern of {self.task_id} on {self.model_id}", head,
+                            display.details("per-layer means and standard deviations", display.table(rows)),
+                            display.figure(self.plot(), "norm pattern"))
+
     def plot(self, last_positions: int = 16) -> Figure:
         """Four panels: gradient norm, sensitivity and shift per layer (mean ± std), gradient norm per position."""
         fig, axes = plotting.figure(2, 2, width=4.4, height=3.0)

@@ -1,4 +1,4 @@
-"""``synthesize`` and ``train-prefix``: the prefix controller from data to a saved controller (``generate --prefix`` uses it)."""
+"""``synthesize``, ``train-prefix`` and ``export-prefix``: the prefix controller from data to a saved controller and a PEFT adapter (``generate --prefix`` uses it)."""
 
 from __future__ import annotations
 
@@ -77,4 +77,30 @@ def train_cmd(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
         print(f"saved to {args.out}")
+    return 0
+
+
+def _export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("controller", metavar="CTRL", help="folder written by `train-prefix`")
+    parser.add_argument("--peft", required=True, metavar="OUT", help="folder to write the PEFT adapter into")
+    parser.add_argument("--method", choices=["prefix-tuning", "prompt-tuning"], default="prefix-tuning",
+                        help="prefix-tuning (default): per-layer keys and values, same tokens as the workbench also for "
+                             "left-padded batches, residual vectors included; prompt-tuning: the virtual-token embeddings "
+                             "(PEFT ignores position ids there, so left-padded rows differ; no residual vectors)")
+
+
+@command("export-prefix", "write a prefix controller as a PEFT adapter that plain transformers + peft load", _export_args)
+def export_cmd(args: argparse.Namespace) -> int:
+    from ..prefix.controller import PrefixController
+    from ..prefix.export import export_peft
+
+    model = load(args)
+    controller = PrefixController.load(args.controller, model)
+    out = export_peft(controller, model, args.peft, method=args.method)
+    base = model.source or model.model_id
+    if args.json:
+        print(json.dumps({"out": str(out), "method": args.method, "base_model": base, "n_tokens": controller.n_tokens}))
+    else:
+        print(f"{args.method} adapter ({controller.n_tokens} virtual tokens) written to {out}; load it with "
+              f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), {str(out)!r})")
     return 0

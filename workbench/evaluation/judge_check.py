@@ -161,6 +161,16 @@ class JudgeCheck:
         ax.grid(False, axis="x")
         return plotting.save(fig, path)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the table and the score distributions."""
+        import tempfile
+
+        from .. import display
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = display.image(self.plot(Path(tmp) / "judge_check.png"), "judge check")
+        return display.card(f"Judge check on {self.model_id}", display.markdown_table(self.table()), plot)
+
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``judge_check.json``, ``judge_check.md`` and ``judge_check.png`` into ``out_dir``."""
         out = Path(out_dir)

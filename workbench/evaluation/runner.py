@@ -125,6 +125,13 @@ class Evaluation:
     def table(self) -> str:
         return (self.out_dir / "summary.md").read_text()
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the summary table and figure."""
+        from .. import display
+
+        return display.card(f"Evaluation of {len(self.records)} responses in {self.out_dir}",
+                            display.markdown_table(self.table), display.image(self.out_dir / "summary.png", "method comparison"))
+
 
 def _shared_settings(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Both runs' settings cut to the methods and knobs they share: adding either does not block a resume."""

@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -273,12 +274,39 @@ def load_model(
     ``"tiny-random-mha"``, a hub id or a local folder. ``device`` defaults to
     CUDA when present; ``dtype`` to bfloat16 on CUDA and float32 elsewhere.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     start = time.perf_counter()
+    plain = load_hf_model(name, dtype=dt, progress=progress)
+    bridge, decoder = _boot(plain.model, plain.tokenizer, plain.source, dev, dt)
+    model = HookedChatModel(bridge=bridge, tokenizer=bridge.tokenizer or plain.tokenizer, model_id=plain.model_id,
+                            decoder=decoder, source=plain.source, cache_path=plain.cache_path)
+    model.extra["load_seconds"] = time.perf_counter() - start
+    return model
+
+
+@dataclass
+class PlainModel:
+    """A plain transformers model and tokenizer, before the bridge rewires it (see :func:`load_hf_model`)."""
+
+    model: Any
+    tokenizer: Any
+    model_id: str
+    source: str
+    cache_path: str | None = None
+
+
+def load_hf_model(name: str | None = None, *, dtype: str | torch.dtype | None = None, progress: bool = True) -> PlainModel:
+    """The plain Hugging Face model :func:`load_model` would bridge, with the same weights, on the CPU.
+
+    For work that wants transformers' own modules (training with TRL, PEFT adapters): the bridge
+    rewires its HF model in place (DESIGN.md §2). ``tiny-random`` is built in memory from its seed,
+    so this is the one way to get its weights as a plain model (``save_pretrained`` then writes them).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    dt = resolve_dtype(dtype, torch.device("cpu"))
     hf_logging.set_verbosity_error()
     if not progress:
         hf_logging.disable_progress_bar()
@@ -303,8 +331,4 @@ def load_model(
         model_id = name if not Path(name).expanduser().is_dir() else str(Path(name).expanduser().resolve())
     else:
         raise ModelLoadError(f"model name must be a string or None, got {type(name).__name__}")
-    bridge, decoder = _boot(hf_model, tokenizer, source, dev, dt)
-    model = HookedChatModel(bridge=bridge, tokenizer=bridge.tokenizer or tokenizer, model_id=model_id,
-                            decoder=decoder, source=source, cache_path=cache_path)
-    model.extra["load_seconds"] = time.perf_counter() - start
-    return model
+    return PlainModel(hf_model, tokenizer, model_id, source, cache_path)

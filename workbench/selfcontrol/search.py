@@ -171,6 +171,25 @@ class SelfControlResult:
             ]
         return out
 
+    def _repr_html_(self) -> str:
+        """Jupyter's view: the prompt, both answers with their scores, and the trajectory."""
+        from .. import display
+
+        answers = display.table(
+            [["original", self.initial_score, self.original_nll, display.text(self.original_response)],
+             ["controlled", self.score, self.nll, display.text(self.response)]],
+            ["answer", "suffix score", "mean NLL", "text"])
+        steps = [display.details(
+            f"iteration {it.index}: loss {it.loss:.4f}, score under the control {it.controlled_score:.4f}, "
+            f"accepted step {it.accepted_step if it.accepted_step is not None else 'none'}, best {it.best_score:.4f}",
+            display.table([[f"{c.step:g}", c.score, c.nll, c.status, display.text(c.response)] for c in it.candidates],
+                          ["step", "score", "NLL", "status", "answer"]))
+            for it in self.iterations]
+        return display.card(
+            f"SelfControl on {self.task_id}: {self.initial_score:.4f} -> {self.score:.4f} ({self.gain:+.4f}), "
+            f"{self.iterations_accepted} of {len(self.iterations)} iterations accepted, {self.seconds:.1f} s",
+            display.heading("prompt"), display.text(self.prompt), answers, display.heading("trajectory"), *steps)
+
 
 def evaluate_controls(
     model: HookedChatModel,
