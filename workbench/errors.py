@@ -62,9 +62,9 @@ _EXPECTED = {
     "dict_type": "should be an object ({...})",
     "dataclass_type": "should be an object ({...})",
     "model_type": "should be an object ({...})",
-    "string_pattern_mismatch": "should not be empty or blank",
-    "string_too_short": "should not be empty",
-    "too_short": "should not be empty",
+    "string_pattern_mismatch": "should be a non-empty, non-blank string",
+    "string_too_short": "should be non-empty",
+    "too_short": "should be non-empty",
 }
 
 

@@ -85,8 +85,8 @@ BAD_TASK_FILES = [
      "field 'contrast_pairs[0].target_response' is required"),
     ({"question": "Calm?", "prompts": {"test": "one prompt"}}, "field 'prompts.test' should be a list, got str"),
     ({"question": "Calm?", "paraphrases": "Peaceful?"}, "field 'paraphrases' should be a list, got str"),
-    ({"question": "Calm?", "prompts": {"train": []}}, "field 'prompts.train' should not be empty"),
-    ({"question": "   "}, "field 'question' should not be empty or blank"),
+    ({"question": "Calm?", "prompts": {"train": []}}, "field 'prompts.train' should be non-empty"),
+    ({"question": "   "}, "field 'question' should be a non-empty, non-blank string"),
     ({"question": "Calm?", "qestion": "typo"}, "field 'qestion' is not a known field"),
     ({"question": "Calm?", "lexicon": ["trust"]}, "field 'lexicon' should be an object"),
 ]
