@@ -1,6 +1,7 @@
 """SelfControl workbench: steer and study LLM behaviour with suffix gradients."""
 
 from .errors import (
+    CorruptArtifactError,
     IncompatibleArtifactError,
     InputError,
     ModelLoadError,
@@ -46,6 +47,7 @@ __all__ = [
     "EMBEDDED_ID",
     "ContrastPair",
     "Control",
+    "CorruptArtifactError",
     "Generation",
     "HookedChatModel",
     "IncompatibleArtifactError",
