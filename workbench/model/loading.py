@@ -12,6 +12,7 @@ Three sources, one result (:class:`HookedChatModel`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import itertools
@@ -20,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +262,31 @@ def _boot(hf_model: Any, tokenizer: Any, source: str, device: torch.device, dtyp
     return bridge, decoder
 
 
+@contextlib.contextmanager
+def _transformers_quiet(progress: bool) -> Iterator[None]:
+    """Transformers' warnings (and, without ``progress``, its and the hub's progress bars) off for one load.
+
+    The previous verbosity and progress-bar settings come back afterwards, even
+    on error: a notebook's own ``transformers`` logging is not changed by loading.
+    """
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars != hf_logging.is_progress_bar_enabled():
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        if hub_bars != (not hub_utils.are_progress_bars_disabled()):
+            (hub_utils.enable_progress_bars if hub_bars else hub_utils.disable_progress_bars)()
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -273,15 +300,16 @@ def load_model(
     ``"tiny-random-mha"``, a hub id or a local folder. ``device`` defaults to
     CUDA when present; ``dtype`` to bfloat16 on CUDA and float32 elsewhere.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    with _transformers_quiet(progress):
+        return _load(name, dev, dt, progress)
+
+
+def _load(name: str | None, dev: torch.device, dt: torch.dtype, progress: bool) -> HookedChatModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     start = time.perf_counter()
-    hf_logging.set_verbosity_error()
-    if not progress:
-        hf_logging.disable_progress_bar()
     cache_path = None
     if name in EMBEDDED_ALIASES:
         folder = ensure_embedded_cache(progress=progress)
