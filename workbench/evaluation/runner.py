@@ -281,6 +281,10 @@ def evaluate_from_config(config_path: str | Path, model: HookedChatModel | None 
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read evaluation config {path}: {err}") from err
+    needed = ("model", "tasks", "methods", "prompts", "decoding")
+    if not isinstance(cfg, dict) or not all(key in cfg for key in needed) or not isinstance(cfg["model"], dict):
+        raise InputError(f"{path} is not an evaluation config (it lacks {', '.join(needed)}); pass the {CONFIG} "
+                         "that `evaluate` wrote into an earlier run's --out folder")
     if model is None:
         from ..model.loading import load_model
 

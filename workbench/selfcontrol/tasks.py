@@ -110,7 +110,7 @@ class Task:
     def from_dict(cls, data: Mapping[str, Any], source: str = "task") -> Task:
         """A task from its JSON form (lists for tuples); every problem is reported at once, naming ``source``."""
         try:
-            return _TASK_SCHEMA.validate_python(data)
+            return _task_schema().validate_python(data)
         except ValidationError as err:
             raise InputError.from_validation(err, source, known=[f.name for f in fields(cls)]) from None
 
@@ -198,7 +198,10 @@ def _field_adapters() -> dict[str, TypeAdapter[Any]]:
     return {f.name: TypeAdapter(hints[f.name]) for f in fields(Task)}
 
 
-_TASK_SCHEMA: TypeAdapter[Task] = TypeAdapter(Task)
+@cache
+def _task_schema() -> TypeAdapter[Task]:
+    """The whole task (missing and unknown fields too), for files: every problem in one message."""
+    return TypeAdapter(Task)
 
 
 def _registry() -> dict[str, Path]:
