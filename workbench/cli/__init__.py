@@ -14,6 +14,7 @@ import math
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from ..errors import WorkbenchError
 
@@ -32,7 +33,7 @@ def command(name: str, help: str, setup: Setup | None = None) -> Callable[[Handl
     return register
 
 
-def layer_list(text: str) -> list[int] | str | None:
+def layer_list(text: str) -> list[int] | Literal["all"] | None:
     """``--layers``-style value: ``0,1,2`` (each once), ``all``, or empty for the flag's default.
 
     An argparse ``type``: a bad value exits with code 2 and an ``error:`` line
