@@ -1,6 +1,7 @@
 """SelfControl workbench: steer and study LLM behaviour with suffix gradients."""
 
 from .errors import (
+    CorruptArtifactError,
     IncompatibleArtifactError,
     InputError,
     ModelLoadError,
@@ -48,6 +49,7 @@ __all__ = [
     "EMBEDDED_ID",
     "ContrastPair",
     "Control",
+    "CorruptArtifactError",
     "Generation",
     "HookedChatModel",
     "IncompatibleArtifactError",

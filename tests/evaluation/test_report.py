@@ -60,3 +60,12 @@ def test_write_summary_pools_tasks_with_paired_changes(tmp_path):
         assert [r["task"] for r in csv.DictReader(fh)] == ["a", "a", "b", "b", "all tasks (pooled)", "all tasks (pooled)"]
 
 
+
+
+def test_a_summary_of_a_folder_with_no_evaluation_is_refused(tmp_path):
+    with pytest.raises(InputError, match="holds no evaluation \\(no such folder\\)"):
+        write_summary(tmp_path / "missing")
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no evaluation \\(no results.jsonl\\)"):
+        write_summary(tmp_path / "empty")

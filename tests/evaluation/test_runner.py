@@ -46,6 +46,25 @@ def test_resolve_prompts_from_split_list_dict_and_file(tmp_path):
         resolve_prompts(tasks, [""])
 
 
+@pytest.mark.parametrize(("content", "message"), [
+    ({"angry2peaceful": "Why?"}, "field 'angry2peaceful' should be a list, got str 'Why?'"),
+    ("Why?", "must hold a list of prompts or an object"),
+    ({"angry2peaceful": ["Why?", 3]}, "field 'angry2peaceful[1]' should be a string, got int 3"),
+    ({"angry2peaceful": []}, "field 'angry2peaceful' should be non-empty"),
+    ([["Why?"]], "field '[0]' should be a string"),
+    (7, "must hold a list of prompts or an object"),
+])
+def test_a_bad_prompts_file_names_the_file_and_the_task(tmp_path, content, message):
+    """``{"angry2peaceful": "Why?"}`` was evaluated as the four prompts 'W', 'h', 'y', '?'."""
+    path = tmp_path / "prompts.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(InputError) as caught:
+        resolve_prompts([TASK], str(path))
+    assert f"prompts file {path}" in str(caught.value) and message in str(caught.value)
+    with pytest.raises(InputError, match="should be a list"):
+        resolve_prompts([TASK], {"angry2peaceful": "Why?"})  # the same schema for a Python dict
+
+
 # ---------------------------------------------------------------- results file
 
 

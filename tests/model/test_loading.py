@@ -136,3 +136,28 @@ def test_interrupted_conversion_leaves_no_cache_and_a_rerun_rebuilds(tmp_path):
     assert loading._cache_is_valid(target)
     marker = json.loads((target / loading._MARKER).read_text())
     assert "model.safetensors" in marker["files"] and Path(target / "tokenizer.json").is_file()
+
+
+def test_loading_leaves_transformers_logging_and_progress_bars_as_they_were(capfd):
+    """Loading silences transformers for the load only; it used to keep it silent for the whole process."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
+    try:
+        hf_logging.set_verbosity_info()
+        hf_logging.enable_progress_bar()
+        capfd.readouterr()
+        wb.load_model("tiny-random", progress=False)
+        assert "loading" not in capfd.readouterr().err.lower()  # quiet while loading ...
+        assert hf_logging.get_verbosity() == hf_logging.INFO  # ... and as the user set it afterwards
+        assert hf_logging.is_progress_bar_enabled() and not hub_utils.are_progress_bars_disabled()
+        hf_logging.set_verbosity_warning()
+        hf_logging.disable_progress_bar()
+        with pytest.raises(wb.ModelLoadError):
+            wb.load_model("./no-such-model-folder", progress=True)
+        assert hf_logging.get_verbosity() == hf_logging.WARNING and not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.set_verbosity(before[0])
+        (hf_logging.enable_progress_bar if before[1] else hf_logging.disable_progress_bar)()
+        (hub_utils.disable_progress_bars if before[2] else hub_utils.enable_progress_bars)()

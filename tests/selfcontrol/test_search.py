@@ -90,3 +90,24 @@ def test_embedded_control_raises_the_score_on_anger_prompts(embedded):
     for r in results:
         assert r.score >= r.initial_score
     assert any(r.score > r.initial_score and r.response_ids != r.original_ids for r in results)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"initial_step": 0.01}, "initial_step must be negative"),
+    ({"initial_step": 0.0}, "initial_step must be negative"),
+    ({"initial_step": float("nan")}, "initial_step must be a finite number"),
+    ({"step_scale": -2.0}, "step_scale must be > 0"),
+    ({"n_steps": 0}, "n_steps must be an integer >= 1"),
+    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+    ({"branches": 1.5}, "branches must be an integer >= 1"),
+])
+def test_settings_that_would_run_another_search_are_refused(settings, message):
+    """A positive step climbs the loss (an uphill search): refused when the settings are made, not mid-search."""
+    with pytest.raises(wb.InputError, match=message):
+        SelfControlConfig(**settings)
+    assert SelfControlConfig(initial_step=-0.01, step_scale=3).steps()[:2] == pytest.approx([-0.01, -0.03])
+
+
+def test_a_repeated_layer_is_refused_by_the_search(tiny):
+    with pytest.raises(wb.InputError, match="given more than once"):
+        self_control(tiny, "Hi", CASES[0][0], layers=(1, 1), **TINY)

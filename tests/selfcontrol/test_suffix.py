@@ -156,3 +156,9 @@ def test_bad_inputs(tiny):
         score_responses(tiny, [prompt, prompt], [response, response, response], TASK)
     with pytest.raises(wb.InputError, match="step mode"):
         suffix_gradients(tiny, prompt, response, TASK).step(1.0, "weird")
+
+
+def test_a_repeated_layer_is_refused_before_the_gradient(tiny):
+    prompt, response = _case(tiny)
+    with pytest.raises(wb.InputError, match=r"layer\(s\) \[1\] given more than once"):
+        suffix_gradients(tiny, prompt, response, TASK, layers=[1, 0, 1])

@@ -74,3 +74,50 @@ def test_embedded_model_prefers_the_chosen_answer_tokens(embedded):
     bare = logits[embedded.encode("Yes") + embedded.encode("No")].max()
     assert spaced > bare + 1.0
     assert logits.topk(5).indices.tolist().count(suffix.target_id) + logits.topk(5).indices.tolist().count(suffix.contrast_id) >= 1
+
+
+# ---- the task schema: one clear error per bad file, never a misreading --------------------
+BAD_TASK_FILES = [
+    ({"target": "Yes"}, "field 'question' is required"),
+    ({"question": "Calm?", "target": 1}, "field 'target' should be a string, got int 1"),
+    (["Calm?"], "should be an object"),
+    ({"question": "Calm?", "contrast_pairs": [{"prompt": "Hi"}]},
+     "field 'contrast_pairs[0].target_response' is required"),
+    ({"question": "Calm?", "prompts": {"test": "one prompt"}}, "field 'prompts.test' should be a list, got str"),
+    ({"question": "Calm?", "paraphrases": "Peaceful?"}, "field 'paraphrases' should be a list, got str"),
+    ({"question": "Calm?", "prompts": {"train": []}}, "field 'prompts.train' should be non-empty"),
+    ({"question": "   "}, "field 'question' should be a non-empty, non-blank string"),
+    ({"question": "Calm?", "qestion": "typo"}, "field 'qestion' is not a known field"),
+    ({"question": "Calm?", "lexicon": ["trust"]}, "field 'lexicon' should be an object"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_TASK_FILES)
+def test_a_bad_task_file_names_the_file_and_the_field(tmp_path, data, message):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(wb.InputError) as caught:
+        get_task(str(path))
+    assert f"task file {path}" in str(caught.value) and message in str(caught.value)
+
+
+def test_the_python_constructor_validates_like_the_file():
+    """``Task(...)`` refuses what the file refuses; lists become tuples, so valid calls keep working."""
+    with pytest.raises(wb.InputError, match="field 'paraphrases' should be a list"):
+        Task(question="Calm?", paraphrases="Peaceful?")
+    with pytest.raises(wb.InputError, match="field 'question' should be a string"):
+        Task(question=1)
+    task = Task(question="Calm?", prompts={"test": ["a", "b"]}, contrast_pairs=[{"prompt": "p", "target_response": "t",
+                                                                                   "opposite_response": "o"}])
+    assert task.split("test") == ["a", "b"] and task.prompts["test"] == ("a", "b")
+    assert task.contrast_pairs == (wb.ContrastPair("p", "t", "o"),)
+
+
+def test_a_new_task_file_is_seen_without_a_restart(tmp_path, monkeypatch):
+    import workbench.selfcontrol.tasks as tasks
+
+    monkeypatch.setattr(tasks, "TASKS_DIR", tmp_path)
+    before = list_tasks()
+    (tmp_path / "polite.json").write_text(json.dumps({"question": "Is your answer polite?"}))
+    assert "polite" not in before and "polite" in list_tasks()
+    assert get_task("polite").question == "Is your answer polite?"

@@ -248,7 +248,8 @@ class ReadingVector:
 
     @classmethod
     def load(cls, folder: str | Path, model: HookedChatModel | None = None) -> ReadingVector:
-        tensors, config = load_artifact(folder, KIND, model=model)
+        tensors, config = load_artifact(folder, KIND, model=model, required=("hook_names", "scales"),
+                                        tensor_names=lambda c: c["hook_names"])
         return cls(
             directions={n: tensors[n] for n in config["hook_names"]}, scales=config["scales"], model_id=config["model_id"],
             task_id=config.get("task_id", "custom"), method=config.get("method", "pca"),

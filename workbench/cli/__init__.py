@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from ..errors import WorkbenchError
 
@@ -29,6 +31,36 @@ def command(name: str, help: str, setup: Setup | None = None) -> Callable[[Handl
         return handler
 
     return register
+
+
+def layer_list(text: str) -> list[int] | Literal["all"] | None:
+    """``--layers``-style value: ``0,1,2`` (each once), ``all``, or empty for the flag's default.
+
+    An argparse ``type``: a bad value exits with code 2 and an ``error:`` line
+    before any model loads. Ranges are checked by the model once loaded.
+    """
+    text = text.strip()
+    if text in ("", "all"):
+        return text or None
+    try:
+        layers = [int(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of layer numbers, e.g. 0,1,2 or all") from None
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"layer(s) {repeated} named more than once in {text!r}; name each layer once")
+    return layers
+
+
+def number_list(text: str) -> list[float]:
+    """A comma-separated list of finite numbers (an argparse ``type``)."""
+    try:
+        values = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers, e.g. 0,0.05,0.1") from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a non-finite number")
+    return values
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -64,4 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _COMMANDS[args.command][2](args)
     except WorkbenchError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that cannot be read or written (a file where a folder belongs, no permission)
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import command, load
+from . import command, layer_list, load
 
 
 def add_search_options(parser: argparse.ArgumentParser) -> None:
     """Every knob of :class:`workbench.selfcontrol.search.SelfControlConfig` as a flag."""
     g = parser.add_argument_group("search")
     g.add_argument("--iterations", type=int, default=3)
-    g.add_argument("--initial-step", type=float, default=None, help="eta0 (h <- h + eta*grad(loss)); default -0.001 relative, -0.5 absolute")
+    g.add_argument("--initial-step", type=float, default=None,
+                   help="eta0 < 0 (h <- h + eta*grad(loss), so a negative step descends the loss); default -0.001 relative, -0.5 absolute")
     g.add_argument("--step-scale", type=float, default=2.0)
     g.add_argument("--n-steps", type=int, default=4)
     g.add_argument("--step-mode", choices=["relative", "absolute"], default="relative")
@@ -22,20 +23,21 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--loss", choices=["score", "ce"], default="score")
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--layers", default=None, help="comma-separated layers to control (default: all)")
+    g.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers to control (default: all)")
     g.add_argument("--point", default="hook_resid_post", help="hook point per block")
     g.add_argument("--paraphrases", action="store_true", help="average the score over the task's paraphrased questions")
     g.add_argument("--no-fluency-guard", action="store_true")
 
 
 def search_config(args: argparse.Namespace):
+    """The search settings of the flags, validated: build it before loading the model, so bad flags fail fast."""
     from ..selfcontrol.search import SelfControlConfig
 
     return SelfControlConfig(
         iterations=args.iterations, initial_step=args.initial_step, step_scale=args.step_scale, n_steps=args.n_steps,
         step_mode=args.step_mode, threshold=args.threshold, branches=args.branches, max_new_tokens=args.max_new_tokens,
         loss=args.loss, do_sample=args.sample, seed=args.seed, point=args.point,
-        layers=tuple(int(x) for x in args.layers.split(",")) if args.layers else None,
+        layers=tuple(args.layers) if isinstance(args.layers, list) else None,
         paraphrases=args.paraphrases, fluency_guard=not args.no_fluency_guard, progress=not args.json,
     )
 
@@ -61,9 +63,11 @@ def _print_result(result) -> None:
 @command("control", "run SelfControl on one prompt and print before/after with scores", _control_args)
 def control(args: argparse.Namespace) -> int:
     from ..selfcontrol.search import self_control
+    from ..selfcontrol.tasks import get_task
 
+    config, task = search_config(args), get_task(args.task)
     model = load(args)
-    result = self_control(model, args.prompt, args.task, search_config(args))
+    result = self_control(model, args.prompt, task, config)
     if args.save:
         result.control.save(args.save)
     if args.json:
@@ -84,9 +88,9 @@ def demo(args: argparse.Namespace) -> int:
     from ..selfcontrol.search import self_control
     from ..selfcontrol.tasks import get_task
 
+    config, task = search_config(args), get_task(args.task)
+    prompt = args.prompt or task.split("train")[0]
     model = load(args)
-    task = get_task(args.task)
-    prompt = args.prompt or task.split("train")[1]
     print(f"{model}\nbehaviour: {task.description}\nquestion:  {task.question}\n")
-    _print_result(self_control(model, prompt, task, search_config(args)))
+    _print_result(self_control(model, prompt, task, config))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import command, load
+from . import command, layer_list, load, number_list
 from .control import add_search_options, search_config
 
 
@@ -35,8 +35,8 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="at most N prompts per task")
     parser.add_argument("--prompt-style", choices=["user", "system"], default="user",
                         help="where the 'prompt' method puts the task's instruction")
-    parser.add_argument("--repe-layers", default=None, help="layers for reading-vector addition (default: middle third)")
-    parser.add_argument("--repe-coefficients", default="0,0.025,0.05,0.1,0.2",
+    parser.add_argument("--repe-layers", type=layer_list, default=None, help="layers for reading-vector addition (default: middle third)")
+    parser.add_argument("--repe-coefficients", type=number_list, default="0,0.025,0.05,0.1,0.2",
                         help="coefficients (x mean residual norm) to choose from on train prompts")
     parser.add_argument("--repe-select", type=int, default=6, help="train prompts the repe coefficient is chosen on")
     parser.add_argument("--repe-pairs", type=int, default=None, help="contrast pairs the reading vector is fitted on (default: all)")
@@ -47,8 +47,10 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
 
 @command("evaluate", "compare control methods on held-out prompts with the clean self-judge and independent judges", _evaluate_args)
 def evaluate_command(args: argparse.Namespace) -> int:
+    from ..evaluation.methods import build_methods
     from ..evaluation.report import write_summary
-    from ..evaluation.runner import evaluate, evaluate_from_config
+    from ..evaluation.runner import evaluate, evaluate_from_config, resolve_prompts
+    from ..selfcontrol.tasks import get_task
 
     if args.summary_only:
         summary = write_summary(args.out)
@@ -58,10 +60,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
         result = evaluate_from_config(args.config, model=load(args) if args.model else None, progress=not args.json)
     else:
         cfg = search_config(args)
-        repe = {"coefficients": [float(c) for c in args.repe_coefficients.split(",")], "n_select": args.repe_select,
-                "n_pairs": args.repe_pairs,
-                "layers": [int(x) for x in args.repe_layers.split(",")] if args.repe_layers else None}
-        result = evaluate(load(args), _tasks(args.tasks), args.methods, args.prompts, args.out, prefix=args.prefix,
+        repe = {"coefficients": args.repe_coefficients, "n_select": args.repe_select, "n_pairs": args.repe_pairs,
+                "layers": args.repe_layers if isinstance(args.repe_layers, list) else None}
+        tasks = _tasks(args.tasks)
+        # bad tasks, methods or prompts fail here, before the model loads
+        build_methods(args.methods, prefix=args.prefix, selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style)
+        resolve_prompts([get_task(t) for t in tasks], args.prompts, args.limit)
+        result = evaluate(load(args), tasks, args.methods, args.prompts, args.out, prefix=args.prefix,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.sample, limit=args.limit,
                           selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style, progress=not args.json)
     if args.json:

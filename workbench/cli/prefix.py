@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import command, load
+from . import command, layer_list, load
 from .control import add_search_options, search_config
-
-
-def _layers(text: str | None) -> list[int] | None:
-    return None if text in (None, "", "all") else [int(x) for x in text.split(",")]
 
 
 def _synthesize_args(parser: argparse.ArgumentParser) -> None:
@@ -24,10 +20,12 @@ def _synthesize_args(parser: argparse.ArgumentParser) -> None:
 @command("synthesize", "run SelfControl on a task's prompts and store controlled hidden states (resumable)", _synthesize_args)
 def synthesize_cmd(args: argparse.Namespace) -> int:
     from ..prefix.synthesis import read_index, synthesize
+    from ..selfcontrol.tasks import get_task
 
+    config, task = search_config(args), get_task(args.task)
+    task.split(args.split)  # refuses an unknown split before the model loads
     model = load(args)
-    folder = synthesize(model, args.task, args.split, args.out, limit=args.limit, config=search_config(args),
-                        progress=not args.json)
+    folder = synthesize(model, task, args.split, args.out, limit=args.limit, config=config, progress=not args.json)
     entries, _ = read_index(folder)
     gains = [e["gain"] for e in entries]
     summary = {"out": str(folder), "records": len(entries), "improved": sum(g > 0 for g in gains),
@@ -44,8 +42,8 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="folder written by `synthesize`")
     parser.add_argument("--out", required=True, help="folder to save the controller (safetensors + JSON)")
     parser.add_argument("--n-tokens", type=int, default=2, help="number of virtual tokens (on SmolLM2-135M more tokens disturbed the prompt's states more)")
-    parser.add_argument("--layers", default=None, help="comma-separated layers the loss looks at (default: all)")
-    parser.add_argument("--residual-layers", default="", help="layers with trainable residual vectors at the prefix ('all', or comma-separated; default none)")
+    parser.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers the loss looks at (default: all)")
+    parser.add_argument("--residual-layers", type=layer_list, default=None, help="layers with trainable residual vectors at the prefix ('all', or comma-separated; default none)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -61,12 +59,15 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 @command("train-prefix", "train a prefix controller on synthesised data and save it", _train_args)
 def train_cmd(args: argparse.Namespace) -> int:
+    from ..prefix.synthesis import read_manifest
     from ..prefix.training import train_prefix
 
+    read_manifest(args.data)  # a folder with no synthesised data fails before the model loads
     model = load(args)
-    residual = None if args.residual_layers == "all" else (_layers(args.residual_layers) or [])
+    residual = None if args.residual_layers == "all" else (args.residual_layers or [])
     controller, report = train_prefix(
-        model, args.data, n_tokens=args.n_tokens, layers=_layers(args.layers), residual_layers=residual,
+        model, args.data, n_tokens=args.n_tokens, layers=None if args.layers == "all" else args.layers,
+        residual_layers=residual,
         epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, weight_decay=args.weight_decay,
         val_fraction=args.val_fraction, seed=args.seed, max_shift_fraction=args.max_shift_fraction,
         require_gain=not args.keep_no_gain, init_text=args.init_text, loss=args.loss, progress=not args.json,

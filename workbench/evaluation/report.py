@@ -228,6 +228,9 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "
 def write_summary(out_dir: str | Path) -> dict[str, Any]:
     """(Re)build summary.json / .csv / .md / .png from the folder's results, for the tasks and methods of its config."""
     out = Path(out_dir)
+    if not ((out / RESULTS).is_file() or (out / CONFIG).is_file()):
+        raise InputError(f"{out} holds no evaluation ({'no such folder' if not out.is_dir() else f'no {RESULTS}'}); "
+                         f"run `python -m workbench evaluate --out {out}` first, or pass the folder of an earlier run")
     config = json.loads((out / CONFIG).read_text()) if (out / CONFIG).is_file() else {}
     records = read_records(out / RESULTS)
     prepared = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}

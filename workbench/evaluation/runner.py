@@ -31,12 +31,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import TypeAdapter, ValidationError
 from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..selfcontrol.fluency import distinct_n, is_degenerate
 from ..selfcontrol.suffix import score_responses
-from ..selfcontrol.tasks import Task, get_task
+from ..selfcontrol.tasks import PromptList, Task, Text, get_task
 from .judges import judge_text
 from .methods import Decoding, Method, build_methods, run_isolated
 from .report import CONFIG, PREPARED, RESULTS, read_records, write_json, write_summary
@@ -49,30 +50,48 @@ _RESUME_KEYS = ("model_id", "decoding", "method_settings")
 
 
 # ---------------------------------------------------------------- prompts
+#: A prompt set: one list for every task, or an object from task id to that task's list.
+_PROMPT_LIST: TypeAdapter[tuple[str, ...]] = TypeAdapter(PromptList)
+_PROMPTS_PER_TASK: TypeAdapter[dict[str, tuple[str, ...]]] = TypeAdapter(dict[Text, PromptList])
+
+
 def resolve_prompts(tasks: Sequence[Task], prompts: str | Path | Sequence[str] | Mapping[str, Sequence[str]],
                     limit: int | None = None) -> dict[str, list[str]]:
-    """Prompts per task id from a split name, a JSON file (list, or object task id -> list), a list or a dict."""
+    """Prompts per task id from a split name, a JSON file (list, or object task id -> list), a list or a dict.
+
+    Files and objects are checked against the same schema as a task's prompt
+    splits: a bare string where a list belongs is refused (it would be read
+    as one prompt per character), and the message names the file and the task.
+    """
     spec: Any = prompts
+    source = "prompts"
     if isinstance(prompts, Path) or (isinstance(prompts, str) and (prompts.endswith(".json") or Path(prompts).is_file())):
         path = Path(prompts)
         try:
             spec = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise InputError(f"cannot read prompts file {path}: {err}") from err
+        source = f"prompts file {path}"
+        if not isinstance(spec, list | dict):
+            raise InputError(f"{source} must hold a list of prompts or an object {{task id: list of prompts}}, "
+                             f"got {type(spec).__name__}")
     if isinstance(spec, str):
         out = {t.id: t.split(spec) for t in tasks}
-    elif isinstance(spec, Mapping):
-        missing = [t.id for t in tasks if t.id not in spec]
+    elif isinstance(spec, Mapping | list | tuple):
+        try:
+            if isinstance(spec, Mapping):
+                per_task = _PROMPTS_PER_TASK.validate_python(dict(spec))
+            else:
+                per_task = dict.fromkeys((t.id for t in tasks), _PROMPT_LIST.validate_python(spec))
+        except ValidationError as err:
+            raise InputError.from_validation(err, source) from None
+        missing = [t.id for t in tasks if t.id not in per_task]
         if missing:
-            raise InputError(f"the prompts object has no prompts for task(s) {missing}; it has {sorted(spec)}")
-        out = {t.id: list(spec[t.id]) for t in tasks}
-    elif isinstance(spec, Sequence):
-        out = {t.id: list(spec) for t in tasks}
+            raise InputError(f"{source} has no prompts for task(s) {missing}; it has {sorted(per_task)}")
+        out = {t.id: list(per_task[t.id]) for t in tasks}
     else:
         raise InputError(f"prompts must be a split name, a JSON file, a list or a dict, got {type(spec).__name__}")
     for task_id, items in out.items():
-        if not items or not all(isinstance(p, str) and p.strip() for p in items):
-            raise InputError(f"prompts for task {task_id!r} must be a non-empty list of non-empty strings")
         if len(set(items)) != len(items):
             raise InputError(f"prompts for task {task_id!r} contain duplicates; each prompt is evaluated once")
     if limit is not None:
@@ -269,6 +288,10 @@ def evaluate_from_config(config_path: str | Path, model: HookedChatModel | None 
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise InputError(f"cannot read evaluation config {path}: {err}") from err
+    needed = ("model", "tasks", "methods", "prompts", "decoding")
+    if not isinstance(cfg, dict) or not all(key in cfg for key in needed) or not isinstance(cfg["model"], dict):
+        raise InputError(f"{path} is not an evaluation config (it lacks {', '.join(needed)}); pass the {CONFIG} "
+                         "that `evaluate` wrote into an earlier run's --out folder")
     if model is None:
         from ..model.loading import load_model
 

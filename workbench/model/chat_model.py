@@ -7,7 +7,9 @@ through the tokenizer's own template. Everything downstream stays in token ids.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import operator
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +90,12 @@ class HookedChatModel:
     # ---- hook names --------------------------------------------------
     def hook_name(self, layer: int, point: str = "hook_resid_post") -> str:
         """Canonical hook name ``blocks.{layer}.{point}``, validated."""
+        try:
+            if isinstance(layer, bool):
+                raise TypeError
+            layer = operator.index(layer)  # ints and numpy ints; not "3", 3.0 or True
+        except TypeError:
+            raise InputError(f"a layer is an integer index, got {type(layer).__name__} {layer!r}") from None
         if not 0 <= layer < self.n_layers:
             raise InputError(f"layer {layer} out of range: the model has {self.n_layers} layers (0..{self.n_layers - 1})")
         name = f"blocks.{layer}.{point}"
@@ -96,8 +104,22 @@ class HookedChatModel:
         return name
 
     def hook_names(self, layers: Sequence[int] | None = None, point: str = "hook_resid_post") -> list[str]:
-        layers = range(self.n_layers) if layers is None else layers
-        return [self.hook_name(layer, point) for layer in layers]
+        """Hook names of ``layers`` (default: all), each validated; a layer named twice is refused.
+
+        Every layer selection in the workbench is resolved here, so a repeated
+        layer fails with a clear message instead of deep in the gradient code.
+        """
+        if layers is None:
+            layers = range(self.n_layers)
+        elif isinstance(layers, str) or not isinstance(layers, Iterable):
+            raise InputError(f"layers must be a list of layer indices such as [0, 1, 2], got {layers!r}")
+        layers = list(layers)
+        names = [self.hook_name(layer, point) for layer in layers]
+        chosen = [operator.index(layer) for layer in layers]  # valid indices: hook_name checked each
+        repeated = sorted(layer for layer, count in Counter(chosen).items() if count > 1)
+        if repeated:
+            raise InputError(f"layer(s) {repeated} given more than once in {chosen}; name each layer once")
+        return names
 
     # ---- chat formatting ---------------------------------------------
     def chat_ids(

@@ -12,6 +12,7 @@ Three sources, one result (:class:`HookedChatModel`):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import itertools
@@ -20,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -261,6 +263,31 @@ def _boot(hf_model: Any, tokenizer: Any, source: str, device: torch.device, dtyp
     return bridge, decoder
 
 
+@contextlib.contextmanager
+def _transformers_quiet(progress: bool) -> Iterator[None]:
+    """Transformers' warnings (and, without ``progress``, its and the hub's progress bars) off for one load.
+
+    The previous verbosity and progress-bar settings come back afterwards, even
+    on error: a notebook's own ``transformers`` logging is not changed by loading.
+    """
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub_utils.are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars != hf_logging.is_progress_bar_enabled():
+            (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
+        if hub_bars != (not hub_utils.are_progress_bars_disabled()):
+            (hub_utils.enable_progress_bars if hub_bars else hub_utils.disable_progress_bars)()
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -277,8 +304,9 @@ def load_model(
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     start = time.perf_counter()
-    plain = load_hf_model(name, dtype=dt, progress=progress)
-    bridge, decoder = _boot(plain.model, plain.tokenizer, plain.source, dev, dt)
+    with _transformers_quiet(progress):
+        plain = load_hf_model(name, dtype=dt, progress=progress)
+        bridge, decoder = _boot(plain.model, plain.tokenizer, plain.source, dev, dt)
     model = HookedChatModel(bridge=bridge, tokenizer=bridge.tokenizer or plain.tokenizer, model_id=plain.model_id,
                             decoder=decoder, source=plain.source, cache_path=plain.cache_path)
     model.extra["load_seconds"] = time.perf_counter() - start
@@ -303,13 +331,14 @@ def load_hf_model(name: str | None = None, *, dtype: str | torch.dtype | None = 
     rewires its HF model in place (DESIGN.md §2). ``tiny-random`` is built in memory from its seed,
     so this is the one way to get its weights as a plain model (``save_pretrained`` then writes them).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     dt = resolve_dtype(dtype, torch.device("cpu"))
-    hf_logging.set_verbosity_error()
-    if not progress:
-        hf_logging.disable_progress_bar()
+    with _transformers_quiet(progress):
+        return _load_plain(name, dt, progress)
+
+
+def _load_plain(name: str | None, dt: torch.dtype, progress: bool) -> PlainModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     cache_path = None
     if name in EMBEDDED_ALIASES:
         folder = ensure_embedded_cache(progress=progress)

@@ -216,7 +216,9 @@ class PrefixController:
     @classmethod
     def load(cls, folder: str | Path, model: HookedChatModel | None = None) -> PrefixController:
         """Load a saved controller; with ``model``, refuse one made for another model."""
-        tensors, config = load_artifact(folder, KIND, model=model)
+        tensors, config = load_artifact(
+            folder, KIND, model=model, required=("placeholder_id", "residual_hooks"),
+            tensor_names=lambda c: ["embeddings", *(f"residual.{n}" for n in c["residual_hooks"])])
         device = model.device if model is not None else "cpu"
         meta = dict(config.get("meta") or {})
         meta["training"] = config.get("training", {})

@@ -183,7 +183,10 @@ class Record:
 
 def load_record(data_dir: str | Path, entry: dict[str, Any], model: HookedChatModel | None = None) -> Record:
     """With ``model``, tensors go to its device once here (``hidden`` stays float32: it is the training target)."""
-    tensors, config = load_artifact(Path(data_dir) / RECORDS / entry["key"], RECORD_KIND, model=model)
+    tensors, config = load_artifact(
+        Path(data_dir) / RECORDS / entry["key"], RECORD_KIND, model=model, required=("control_hooks", "state_hooks"),
+        tensor_names=lambda c: ["hidden", "prompt_ids", *(f"control.{n}" for n in c["control_hooks"])],
+        remedy=f"Synthesise again into a new --out folder (or delete {data_dir} and rerun synthesize)")
     deltas = {n: tensors[f"control.{n}"] for n in config["control_hooks"]}
     hidden = tensors["hidden"]
     if model is not None:

@@ -170,7 +170,8 @@ class Control:
 
     @classmethod
     def load(cls, folder: str | Path, model: HookedChatModel | None = None) -> Control:
-        tensors, config = load_artifact(folder, KIND, model=model)
+        tensors, config = load_artifact(folder, KIND, model=model, required=("hook_names",),
+                                        tensor_names=lambda c: c["hook_names"])
         if model is not None:
             tensors = {n: t.to(device=model.device, dtype=model.dtype) for n, t in tensors.items()}
         return cls({n: tensors[n] for n in config["hook_names"]}, config["model_id"], config.get("meta", {}))

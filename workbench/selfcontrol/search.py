@@ -63,6 +63,28 @@ class SelfControlConfig:
     batch_candidates: bool = True
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        # Input checks (issue 11, point 6): refuse settings that would run a different search than asked.
+        # h <- h + eta * grad(loss) descends the loss only for eta < 0; a positive step climbs it
+        # (steers *away* from the target answer), so the sign is part of the contract, not a knob.
+        def number(name: str) -> float:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+            return float(value)
+
+        if self.initial_step is not None and number("initial_step") >= 0:
+            raise InputError(
+                f"initial_step must be negative, got {self.initial_step}: each step is h + eta * grad(loss), so "
+                "eta > 0 climbs the loss (an uphill search, away from the target answer); use e.g. -0.001"
+            )
+        if number("step_scale") <= 0:
+            raise InputError(f"step_scale must be > 0 (it multiplies the step, keeping its sign), got {self.step_scale}")
+        for name, low in (("iterations", 0), ("n_steps", 1), ("branches", 1), ("max_new_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise InputError(f"{name} must be an integer >= {low}, got {value!r}")
+
     def steps(self) -> list[float]:
         if self.n_steps < 1 or self.iterations < 0:
             raise InputError("n_steps must be >= 1 and iterations >= 0")

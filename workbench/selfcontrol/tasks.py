@@ -10,13 +10,15 @@ the ids of the target and contrast answer tokens as that model writes them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
 
-from ..errors import InputError
+from pydantic import ConfigDict, Field, Strict, StringConstraints, TypeAdapter, ValidationError
+
+from ..errors import InputError, validation_problems
 
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
@@ -24,14 +26,22 @@ if TYPE_CHECKING:
 TASKS_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks"
 _PLACEHOLDER = "\u2063WORKBENCH_RESPONSE\u2063"
 
+#: A piece of text a task or prompt file must hold: a real string (not a number, not bytes) with
+#: something other than whitespace in it. The schema types below are what ``Task`` validates.
+Text = Annotated[str, Strict(), StringConstraints(pattern=r"\S")]
+#: A split's prompts: a list of texts, never a bare string (which would read as one prompt per character).
+PromptList = Annotated[tuple[Text, ...], Field(min_length=1)]
+
 
 @dataclass(frozen=True)
 class ContrastPair:
     """One prompt with a response showing the behaviour and one showing its opposite."""
 
-    prompt: str
-    target_response: str
-    opposite_response: str
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    prompt: Text
+    target_response: Text
+    opposite_response: Text
 
 
 @dataclass(frozen=True)
@@ -47,25 +57,36 @@ class CompiledSuffix:
 
 @dataclass(frozen=True)
 class Task:
-    """A behaviour, e.g. ``Task(question="Is your answer polite?", target="Yes")``."""
+    """A behaviour, e.g. ``Task(question="Is your answer polite?", target="Yes")``.
 
-    question: str
-    target: str = "Yes"
-    contrast: str | None = None
-    answer_prefix: str = "Answer:"
-    id: str = "custom"
-    description: str = ""
-    paraphrases: tuple[str, ...] = ()
-    instruction: str = ""
-    lexicon: dict[str, str] | None = None
-    prompts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    The field types are the task schema: every field is validated (and lists
+    become tuples) on construction, so a JSON file and a Python call are
+    refused alike, with the field named, instead of being misread.
+    """
+
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    question: Text
+    target: Text = "Yes"
+    contrast: Text | None = None
+    answer_prefix: Annotated[str, Strict()] = "Answer:"
+    id: Text = "custom"
+    description: Annotated[str, Strict()] = ""
+    paraphrases: tuple[Text, ...] = ()
+    instruction: Annotated[str, Strict()] = ""
+    lexicon: dict[Text, Text] | None = None
+    prompts: dict[Text, PromptList] = field(default_factory=dict)
     contrast_pairs: tuple[ContrastPair, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.question or not self.question.strip():
-            raise InputError("a task needs a non-empty self-judgement question")
-        if not self.target or not self.target.strip():
-            raise InputError("a task needs a non-empty target answer, e.g. target='Yes'")
+        problems: list[str] = []
+        for name, adapter in _field_adapters().items():
+            try:
+                object.__setattr__(self, name, adapter.validate_python(getattr(self, name)))
+            except ValidationError as err:
+                problems += validation_problems(err, at=(name,))
+        if problems:
+            raise InputError(f"task {self.id!r}: " + "; ".join(problems))
         if self.answer_prefix != self.answer_prefix.rstrip():
             raise InputError(
                 f"answer_prefix {self.answer_prefix!r} ends with whitespace: the suffix must end where the "
@@ -86,16 +107,12 @@ class Task:
         return list(self.prompts[name])
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Task:
-        data = dict(data)
-        data["paraphrases"] = tuple(data.get("paraphrases") or ())
-        data["prompts"] = {k: tuple(v) for k, v in (data.get("prompts") or {}).items()}
-        data["contrast_pairs"] = tuple(ContrastPair(**p) for p in data.get("contrast_pairs") or ())
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise InputError(f"unknown task fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any], source: str = "task") -> Task:
+        """A task from its JSON form (lists for tuples); every problem is reported at once, naming ``source``."""
+        try:
+            return _task_schema().validate_python(data)
+        except ValidationError as err:
+            raise InputError.from_validation(err, source, known=[f.name for f in fields(cls)]) from None
 
     @classmethod
     def from_json(cls, path: str | Path) -> Task:
@@ -104,8 +121,9 @@ class Task:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise InputError(f"cannot read task file {path}: {err}") from err
-        data.setdefault("id", path.stem)
-        return cls.from_dict(data)
+        if isinstance(data, dict):
+            data.setdefault("id", path.stem)
+        return cls.from_dict(data, source=f"task file {path}")
 
     # ---- token ids -----------------------------------------------------
     def judge_dict(self) -> dict[str, Any]:
@@ -174,7 +192,20 @@ def _compile_one(model: HookedChatModel, question: str, prefix: str, target: str
 
 
 @cache
+def _field_adapters() -> dict[str, TypeAdapter[Any]]:
+    """One validator per ``Task`` field, built from its annotation (the schema has one source: the class)."""
+    hints = get_type_hints(Task, include_extras=True)
+    return {f.name: TypeAdapter(hints[f.name]) for f in fields(Task)}
+
+
+@cache
+def _task_schema() -> TypeAdapter[Task]:
+    """The whole task (missing and unknown fields too), for files: every problem in one message."""
+    return TypeAdapter(Task)
+
+
 def _registry() -> dict[str, Path]:
+    """Shipped task files, read from disk on every call: a file added while a notebook runs is seen at once."""
     return {p.stem: p for p in sorted(TASKS_DIR.glob("*.json"))}
 
 
@@ -187,8 +218,9 @@ def get_task(name: str | Task) -> Task:
     """A shipped task by id, a JSON file path, or a :class:`Task` (returned as is)."""
     if isinstance(name, Task):
         return name
-    if name in _registry():
-        return Task.from_json(_registry()[name])
+    registry = _registry()
+    if name in registry:
+        return Task.from_json(registry[name])
     if str(name).endswith(".json") and Path(name).is_file():
         return Task.from_json(name)
     raise InputError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}, or pass a JSON file")
