@@ -48,3 +48,14 @@ def test_control_json_on_tiny_model(tmp_path):
 def test_control_with_unknown_task_is_a_clear_error():
     out = run("control", "--model", "tiny-random", "--task", "nope", "--prompt", "Hi", "--json")
     assert out.returncode == 2 and "unknown task" in out.stderr
+
+
+def test_info_with_a_device_map(family_folder, tmp_path):
+    split = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
+             "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    out = run("info", "--model", str(family_folder("llama3")), "--device-map", json.dumps(split), "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["device_map"] == split and info["device"] == "cpu"
+    bad = run("info", "--model", str(family_folder("llama3")), "--device-map", "{not json")
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --device-map")

@@ -161,3 +161,36 @@ def test_loading_leaves_transformers_logging_and_progress_bars_as_they_were(capf
         hf_logging.set_verbosity(before[0])
         (hf_logging.enable_progress_bar if before[1] else hf_logging.disable_progress_bar)()
         (hub_utils.disable_progress_bars if before[2] else hub_utils.enable_progress_bars)()
+
+
+def test_model_without_pad_or_eos_token_pads_soundly(tmp_path):
+    """Neither a pad nor an end-of-sequence token (many base models): padding falls back to an id that is masked anyway."""
+    import dataclasses
+
+    from workbench.model.families import FAMILIES, save_random_model
+
+    bare = dataclasses.replace(FAMILIES["gpt2"], name="bare", eos=None, bos=None, unk=None, stop=(),
+                               chat_template="{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    model = wb.load_model(str(save_random_model(bare, tmp_path)), progress=False)
+    assert model.tokenizer.pad_token_id is None and model.tokenizer.eos_token_id is None
+    assert model.eos_token_ids == []  # none invented
+    assert 0 <= model.pad_token_id < model.d_vocab
+    prompts = [model.chat_ids("Hi!"), model.chat_ids("A longer prompt than the first one.")]
+    out = model.generate(prompts, max_new_tokens=5)
+    assert [len(t) for t in out.tokens] == [5, 5]  # nothing stops generation early
+    assert out.tokens == [model.generate([p], max_new_tokens=5).tokens[0] for p in prompts]
+    scores = wb.suffix_score(model, prompts, out.tokens, "angry2peaceful")
+    assert torch.isfinite(scores).all()
+
+
+def test_architecture_the_bridge_lacks_is_one_clear_error(tmp_path):
+    import dataclasses
+
+    from workbench.model.families import FAMILIES, save_random_model
+
+    biogpt = dataclasses.replace(FAMILIES["qwen2"], name="biogpt", config_class="BioGptConfig",
+                                 tiny=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position_embeddings=512))
+    with pytest.raises(wb.ModelLoadError, match="BioGptForCausalLM is not among its supported architectures") as err:
+        wb.load_model(str(save_random_model(biogpt, tmp_path)), progress=False)
+    assert len(str(err.value)) < 400

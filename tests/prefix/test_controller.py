@@ -107,3 +107,20 @@ def test_compose_identity_and_average(tiny):
         PrefixController.compose([a, b], [1, -1])
 
 
+
+
+def test_init_starts_from_the_hooked_embedding_on_gemma(family_model):
+    """Gemma scales token embeddings by sqrt(d_model) before the hook a prefix replaces: start from that value."""
+    model = family_model("gemma2")
+    c = PrefixController.init(model, 2)
+    first = model.chat_ids("x")[0]
+    raw = model.decoder.get_input_embeddings().weight[first].float()
+    torch.testing.assert_close(c.embeddings[1], raw * model.d_model**0.5, rtol=1e-3, atol=1e-4)
+    # an untrained prefix is the init token itself: prefixed generation = generation after that token twice
+    for text in ("Hi!", "Tell me what you think of rude drivers."):  # one at a time: see the note below
+        prompt = model.chat_ids(text)
+        with c.applied(model):
+            prefixed = model.generate([prompt], max_new_tokens=8, stop_at_eos=False).tokens
+        assert prefixed == model.generate([[first, first] + prompt], max_new_tokens=8, stop_at_eos=False).tokens
+    # Note: in a left-padded batch the prefix sits before the padding, which then counts against
+    # Gemma's sliding attention window, so batched prefixed rows differ from single ones (open bug).

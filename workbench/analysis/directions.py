@@ -148,7 +148,7 @@ def steering_direction(
     suffixes = task.compile(model, task.questions(cfg.paraphrases))
     grads = suffix_gradients(model, prompt_ids, response_ids, suffixes, loss=cfg.loss, point=cfg.point,
                              layers=cfg.layers, clip=None, temperature=cfg.score_temperature)
-    stacked = torch.stack([g.float() for g in grads.grads.values()])  # [layer, pos, d]
+    stacked = torch.stack([g.float().to(model.device) for g in grads.grads.values()])  # [layer, pos, d]
     if position == "last":
         vec = stacked[:, -1]
     elif position == "mean":

@@ -70,10 +70,9 @@ def residuals_at_last_token(
     The cache hooks are registered after the control's, so they see the residual *with* the delta added.
     """
     ids = model.as_tensor(list(prompt_ids))
-    names = set(hook_names)
     with control.applied(model) if control is not None else contextlib.nullcontext():
-        _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
-    return torch.stack([cache[n][0, -1].float() for n in hook_names])
+        cache = model.capture(ids, hook_names)
+    return torch.stack([cache[n][0, -1].float().to(model.device) for n in hook_names])  # from each layer's device
 
 
 def shift_scores(
@@ -87,7 +86,7 @@ def shift_scores(
     if clean is None:
         clean = residuals_at_last_token(model, prompt_ids, names)
     controlled = residuals_at_last_token(model, prompt_ids, names, control)  # h + delta
-    delta = torch.stack([control.deltas[n][-1].float() for n in names])
+    delta = torch.stack([control.deltas[n][-1].float().to(model.device) for n in names])
     before = controlled - delta  # h: what the delta was added to
     local = controlled.norm(dim=-1).log() - before.norm(dim=-1).log()
     cumulative = controlled.norm(dim=-1).log() - clean.norm(dim=-1).log()

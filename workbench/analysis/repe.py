@@ -82,13 +82,12 @@ def pair_states(
                 raise InputError(f"empty response in contrast pair for prompt {pair.prompt!r}")
             rows.append(prompt + ids)
             spans.append((len(prompt), len(prompt) + len(ids)))
-    names = set(hook_names)
     states: dict[str, list[Tensor]] = {n: [] for n in hook_names}
     norms: dict[str, list[Tensor]] = {n: [] for n in hook_names}
     for start in tqdm(range(0, len(rows), batch_size), desc="reading states", disable=not progress, leave=False):
         chunk, chunk_spans = rows[start:start + batch_size], spans[start:start + batch_size]
         ids, mask, _ = right_pad(chunk, model.pad_token_id, model.device)
-        _, cache = model.bridge.run_with_cache(ids, attention_mask=mask, names_filter=lambda n: n in names)
+        cache = model.capture(ids, hook_names, attention_mask=mask)
         for n in hook_names:
             h = cache[n].float()
             for r, (a, b) in enumerate(chunk_spans):

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import math
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import Literal
 
-from ..errors import WorkbenchError
+from ..errors import InputError, WorkbenchError
 
 Handler = Callable[[argparse.Namespace], int]
 Setup = Callable[[argparse.ArgumentParser], None]
@@ -68,15 +69,34 @@ def common_options() -> argparse.ArgumentParser:
     common.add_argument("--model", default=None, help="hub id, local folder or 'tiny-random' (default: embedded SmolLM2-135M-Instruct)")
     common.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     common.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
+    common.add_argument("--device-map", default=None,
+                        help="spread a large model over devices: auto, balanced, sequential, or a JSON object of "
+                             "module name to device (instead of --device)")
+    common.add_argument("--max-memory", default=None,
+                        help='with --device-map: per-device budget as JSON, e.g. \'{"0": "20GiB", "1": "20GiB", "cpu": "60GiB"}\'')
     common.add_argument("--json", action="store_true", help="print one JSON object")
     return common
+
+
+def _json_option(value: str | None, flag: str) -> object:
+    if value is None or not value.lstrip().startswith("{"):
+        return value
+    try:
+        data = json.loads(value)
+    except ValueError as err:
+        raise InputError(f"{flag}: not valid JSON ({err})") from err
+    return {int(k) if k.isdigit() else k: v for k, v in data.items()}  # accelerate names GPUs by index
 
 
 def load(args: argparse.Namespace):
     """The model named by the common options."""
     from ..model.loading import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.json)
+    max_memory = _json_option(args.max_memory, "--max-memory")
+    if isinstance(max_memory, str):
+        raise InputError("--max-memory takes a JSON object, e.g. '{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}'")
+    return load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.json,
+                      device_map=_json_option(args.device_map, "--device-map"), max_memory=max_memory)
 
 
 def build_parser() -> argparse.ArgumentParser:

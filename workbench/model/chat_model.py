@@ -14,12 +14,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import InputError
 
 RESIDUAL_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
+
+
+class _Captured(Exception):
+    """Raised by :meth:`HookedChatModel.capture` to end a forward once every wanted activation is seen."""
 BLOCK_POINTS = (*RESIDUAL_POINTS, "hook_attn_out", "hook_mlp_out")
 
 
@@ -68,7 +72,24 @@ class HookedChatModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.decoder.parameters()).device
+        """The input device: where token ids (and the workbench's input tensors) go.
+
+        On one device, the device of the weights. Under a device map the input
+        embedding's execution device (other layers may sit on other devices;
+        hooks there receive activations on their own layer's device).
+        """
+        embed = self.decoder.get_input_embeddings()
+        hook = getattr(embed, "_hf_hook", None)  # accelerate's placement hook, under a device map
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            execution = getattr(h, "execution_device", None)
+            if execution is not None:
+                return torch.device(execution)
+        return next(embed.parameters()).device
+
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """Module name -> device when loaded with a device map (``None`` on one device)."""
+        return getattr(self.decoder, "hf_device_map", None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -84,8 +105,15 @@ class HookedChatModel:
 
     @property
     def pad_token_id(self) -> int:
-        pad = self.tokenizer.pad_token_id
-        return int(pad if pad is not None else self.eos_token_ids[0])
+        """The id that fills padded positions: the pad token, else the first end-of-sequence id, else unk/bos, else 0.
+
+        Every padded position is masked out of attention and never read, so any
+        id in the vocabulary is sound; a model without pad and eos tokens (many
+        base models) still pads.
+        """
+        candidates = (self.tokenizer.pad_token_id, *self.eos_token_ids, self.tokenizer.unk_token_id,
+                      self.tokenizer.bos_token_id)
+        return int(next((c for c in candidates if c is not None), 0))
 
     # ---- hook names --------------------------------------------------
     def hook_name(self, layer: int, point: str = "hook_resid_post") -> str:
@@ -139,11 +167,18 @@ class HookedChatModel:
 
     def render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         """The tokenizer's own chat template, as text (no tokenisation)."""
+        from jinja2 import TemplateError
+
         if getattr(self.tokenizer, "chat_template", None) is None:
             raise InputError(f"{self.model_id} has no chat template; load an instruct/chat model")
-        return self.tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as err:  # the template's own raise_exception, e.g. Gemma 2 and Mixtral on a system turn
+            roles = [m.get("role") for m in messages]
+            raise InputError(f"the chat template of {self.model_id} refuses this conversation (roles {roles}): {err}. "
+                             "Put the instruction into the user message instead.") from err
 
     def _template_ids(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> list[int]:
         return self.encode(self.render(messages, add_generation_prompt))
@@ -169,6 +204,42 @@ class HookedChatModel:
     def active_hooks(self) -> int:
         """Hooks registered on the bridge's hook points (controls, reading vectors, prefixes act there)."""
         return sum(len(hp.fwd_hooks) + len(hp.bwd_hooks) for hp in self.bridge.hook_dict.values())
+
+    @torch.no_grad()
+    def capture(
+        self, ids: Int[Tensor, "batch pos"], hook_names: Sequence[str], attention_mask: Int[Tensor, "batch pos"] | None = None
+    ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
+        """Activations at ``hook_names`` for one forward that stops once all of them are seen.
+
+        Nothing after the last of them runs (later blocks, the unembedding: on a small
+        model the vocabulary-sized matmul costs most of a forward). Hooks already
+        registered on the bridge (a control, a prefix) act first, so the capture sees
+        their effect. Under a device map each activation stays on its layer's device.
+        """
+        wanted = set(hook_names)
+        unknown = wanted - set(self.bridge.hook_dict)
+        if unknown:
+            raise InputError(f"unknown hook points {sorted(unknown)[:3]} on {self.model_id}")
+        seen: dict[str, Tensor] = {}
+
+        def make(name: str):  # by the name asked for: aliases (hook_resid_post) share one hook point
+            def keep(x: Tensor, hook: Any) -> Tensor:
+                seen[name] = x.detach().clone()
+                if wanted <= seen.keys():
+                    raise _Captured
+                return x
+
+            return keep
+
+        try:
+            with self.bridge.hooks(fwd_hooks=[(n, make(n)) for n in wanted]):
+                self.bridge(ids, attention_mask=attention_mask)
+        except _Captured:
+            pass
+        missing = wanted - seen.keys()
+        if missing:
+            raise InputError(f"hook points {sorted(missing)[:3]} did not fire in a forward of {self.model_id}")
+        return {n: seen[n] for n in hook_names}
 
     def as_tensor(self, ids: Sequence[int] | Tensor) -> Int[Tensor, "batch pos"]:
         t = torch.as_tensor(ids, dtype=torch.long, device=self.device)
@@ -196,6 +267,7 @@ class HookedChatModel:
             "d_model": self.d_model,
             "n_ctx": self.n_ctx,
             "device": str(self.device),
+            "device_map": self.device_map,
             "dtype": str(self.dtype).replace("torch.", ""),
             "cache_path": self.cache_path,
         }

@@ -8,6 +8,10 @@ Three sources, one result (:class:`HookedChatModel`):
 - ``"tiny-random"`` / ``"tiny-random-mha"``: a 3-layer random Llama with the
   embedded tokenizer, for fast unit tests (grouped-query / full attention).
 - a hub id or a local directory: loaded with ``from_pretrained``.
+
+A model larger than one device loads with ``device_map`` (``"auto"`` or a
+dict of module name to device) through accelerate, as ``from_pretrained``
+does it; ``model.device`` is then the input device (where token ids go).
 """
 
 from __future__ import annotations
@@ -211,7 +215,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
+def _from_pretrained(name: str, dtype: torch.dtype, placement: dict[str, Any]) -> tuple[Any, Any, str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(name).expanduser()
@@ -234,7 +238,7 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     for source, kwargs in attempts:
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **kwargs)
             return model, tokenizer, source
         except (OSError, ValueError) as err:
             where = "local Hugging Face cache" if kwargs.get("local_files_only") else ("local folder" if path.is_dir() else "hub download")
@@ -246,14 +250,69 @@ def _from_pretrained(name: str, dtype: torch.dtype) -> tuple[Any, Any, str]:
     )
 
 
-def _boot(hf_model: Any, tokenizer: Any, source: str, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
-    """Bridge the HF model; keep a hook-free twin that shares its weights for fast decoding."""
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device_map: str | dict[str, Any] | None, max_memory: dict[Any, Any] | None,
+               offload_folder: str | Path | None) -> dict[str, Any]:
+    """``from_pretrained`` arguments that place the model with accelerate (empty without a device map)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ModelLoadError("max_memory and offload_folder need a device_map, e.g. device_map='auto'")
+        return {}
+    if isinstance(device_map, str) and device_map not in DEVICE_MAP_NAMES:
+        raise ModelLoadError(f"unknown device_map {device_map!r}: use one of {', '.join(DEVICE_MAP_NAMES)} "
+                             "or a dict of module name to device (e.g. {'model.layers.0': 0, ...})")
+    if not isinstance(device_map, str | dict) or (isinstance(device_map, dict) and not device_map):
+        raise ModelLoadError(f"device_map must be a name ({', '.join(DEVICE_MAP_NAMES)}) or a non-empty dict, "
+                             f"not {device_map!r}")
+    if importlib.util.find_spec("accelerate") is None:
+        raise ModelLoadError("device_map needs accelerate: `pip install accelerate`")
+    out: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+    if offload_folder is not None:
+        out["offload_folder"] = str(offload_folder)
+    return out
+
+
+def _shared_memo(hf_model: Any) -> dict[int, Any]:
+    """What the decoder twin shares with the bridged model instead of copying: weights, buffers, offloaded weights."""
+    shared: dict[int, Any] = {id(t): t for t in itertools.chain(hf_model.parameters(), hf_model.buffers())}
+    for module in hf_model.modules():  # accelerate's hooks hold offloaded weights outside the parameters
+        hook = getattr(module, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            for attr in ("weights_map", "tied_params_map"):
+                value = getattr(h, attr, None)
+                if value is not None:
+                    shared[id(value)] = value
+    return shared
+
+
+def _boot(hf_model: Any, tokenizer: Any, source: str, device: torch.device | None, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Bridge the HF model; keep a hook-free twin that shares its weights for fast decoding.
+
+    ``device=None``: the model is already placed by a device map (accelerate's hooks move
+    activations between devices; the twin keeps copies of those hooks).
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
-    hf_model = hf_model.to(device=device, dtype=dtype).eval()
-    shared = {id(t): t for t in itertools.chain(hf_model.parameters(), hf_model.buffers())}
-    decoder = copy.deepcopy(hf_model, shared)  # new modules, same tensors: no extra memory
-    bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype)
+    hf_model = (hf_model if device is None else hf_model.to(device=device, dtype=dtype)).eval()
+    decoder = copy.deepcopy(hf_model, _shared_memo(hf_model))  # new modules, same tensors: no extra memory
+    # The bridge normalises the tokenizer it is given in place (it invents an eos, bos and pad
+    # token where the model has none), so it gets a copy and the workbench keeps the model's own.
+    placed = {} if device is None else {"device": device}
+    try:
+        bridge = TransformerBridge.boot_transformers(source, hf_model=hf_model, tokenizer=copy.deepcopy(tokenizer),
+                                                     dtype=dtype, **placed)
+    except ValueError as err:  # an architecture or a device map the bridge does not support
+        from importlib.metadata import version
+
+        reason = str(err)
+        if "Could not determine supported architecture" in reason:  # its message lists ~150 names
+            reason = (f"{type(hf_model).__name__} is not among its supported architectures "
+                      "(transformer_lens.factories.architecture_adapter_factory.SUPPORTED_ARCHITECTURES)")
+        raise ModelLoadError(f"TransformerBridge (transformer-lens {version('transformer-lens')}) refused {source}: {reason}") from err
     bridge.enable_compatibility_mode(no_processing=True)
     bridge.eval()
     # the bridge switches attention to eager; match it so both paths compute the same numbers
@@ -293,6 +352,9 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | Path | None = None,
     progress: bool = True,
 ) -> HookedChatModel:
     """Load a chat model behind hooks.
@@ -300,14 +362,27 @@ def load_model(
     ``name``: ``None`` (embedded SmolLM2-135M-Instruct), ``"tiny-random"``,
     ``"tiny-random-mha"``, a hub id or a local folder. ``device`` defaults to
     CUDA when present; ``dtype`` to bfloat16 on CUDA and float32 elsewhere.
+
+    A model larger than one GPU: ``device_map="auto"`` (or ``"balanced"``, ``"sequential"``,
+    or a dict of module name to device, as in ``from_pretrained``) spreads its layers over
+    the visible devices through accelerate, ``max_memory`` caps each device (e.g.
+    ``{0: "20GiB", 1: "20GiB"}``); ``offload_folder`` holds layers mapped to ``"disk"``.
+    ``device`` and ``device_map`` exclude each other. ``model.device`` is then the
+    input device (where token ids go); each hook receives activations on its layer's device.
     """
+    if device is not None and device_map is not None:
+        raise ModelLoadError("pass device or device_map, not both: a device map places every layer itself")
+    placement = _placement(device_map, max_memory, offload_folder)
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    if placement and name in TINY_CONFIGS:
+        raise ModelLoadError(f"{name!r} is built in memory; a device map needs a model folder (save it with "
+                             "model.decoder.save_pretrained(folder) and model.tokenizer.save_pretrained(folder))")
     start = time.perf_counter()
     with _transformers_quiet(progress):
-        plain = load_hf_model(name, dtype=dt, progress=progress)
-        bridge, decoder = _boot(plain.model, plain.tokenizer, plain.source, dev, dt)
-    model = HookedChatModel(bridge=bridge, tokenizer=bridge.tokenizer or plain.tokenizer, model_id=plain.model_id,
+        plain = _load_plain(name, dt, progress, placement)
+        bridge, decoder = _boot(plain.model, plain.tokenizer, plain.source, None if placement else dev, dt)
+    model = HookedChatModel(bridge=bridge, tokenizer=plain.tokenizer, model_id=plain.model_id,
                             decoder=decoder, source=plain.source, cache_path=plain.cache_path)
     model.extra["load_seconds"] = time.perf_counter() - start
     return model
@@ -333,10 +408,11 @@ def load_hf_model(name: str | None = None, *, dtype: str | torch.dtype | None = 
     """
     dt = resolve_dtype(dtype, torch.device("cpu"))
     with _transformers_quiet(progress):
-        return _load_plain(name, dt, progress)
+        return _load_plain(name, dt, progress, {})
 
 
-def _load_plain(name: str | None, dt: torch.dtype, progress: bool) -> PlainModel:
+def _load_plain(name: str | None, dt: torch.dtype, progress: bool, placement: dict[str, Any]) -> PlainModel:
+    """``placement``: ``from_pretrained``'s device-map arguments (empty: load on the CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache_path = None
@@ -344,11 +420,11 @@ def _load_plain(name: str | None, dt: torch.dtype, progress: bool) -> PlainModel
         folder = ensure_embedded_cache(progress=progress)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         try:
-            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **placement)
         except (OSError, ValueError, RuntimeError):  # corrupt despite the marker: rebuild once
             shutil.rmtree(folder, ignore_errors=True)
             folder = ensure_embedded_cache(progress=progress)
-            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt)
+            hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dt, **placement)
         model_id, source, cache_path = EMBEDDED_ID, str(folder), str(folder)
     elif name in TINY_CONFIGS:
         folder = tiny_random_dir(name)
@@ -356,7 +432,7 @@ def _load_plain(name: str | None, dt: torch.dtype, progress: bool) -> PlainModel
         hf_model = _build_tiny(folder, dt)
         model_id, source, cache_path = name, str(folder), str(folder)
     elif isinstance(name, str):
-        hf_model, tokenizer, source = _from_pretrained(name, dt)
+        hf_model, tokenizer, source = _from_pretrained(name, dt, placement)
         model_id = name if not Path(name).expanduser().is_dir() else str(Path(name).expanduser().resolve())
     else:
         raise ModelLoadError(f"model name must be a string or None, got {type(name).__name__}")

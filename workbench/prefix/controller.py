@@ -78,16 +78,18 @@ class PrefixController:
         The default matters on SmolLM2: its first token (``<|im_start|>``) carries a massive
         activation (norm ~25k vs ~200 elsewhere); a prefix of ``\\n`` tokens erased it at the
         prompt's first position (MSE to the clean states ~14000), one of ``<|im_start|>`` kept it (~1).
-        ``residual_layers=None`` puts trainable residual vectors at every layer.
+        The start is the value at the hook the prefix replaces, not the raw embedding matrix:
+        Gemma scales embeddings by sqrt(d_model) before that hook, and under a device map the
+        matrix may be offloaded. ``residual_layers=None`` puts trainable residual vectors at every layer.
         """
         if n_tokens < 1:
             raise InputError("a prefix needs at least one virtual token")
-        embed = model.decoder.get_input_embeddings().weight
         ids = model.encode(init_text) if init_text else model.chat_ids("x")[:1]
         if not ids:
             raise InputError("init_text has no tokens")
         ids = [ids[i % len(ids)] for i in range(n_tokens)]
-        emb = embed[torch.as_tensor(ids, device=embed.device)].detach().float().clone()
+        _, embed_hook = embed_hooks(model)
+        emb = model.capture(model.as_tensor(ids), [embed_hook])[embed_hook][0].float().clone()
         names = model.hook_names(residual_layers) if residual_layers is None or len(residual_layers) else []
         residuals = {n: torch.zeros_like(emb) for n in names}
         if layers is not None:

@@ -15,6 +15,7 @@ with counted reasons, so one synthesis serves several filter settings.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -61,24 +62,10 @@ def capture_states(
     before the capturing ones, so the capture sees the controlled stream).
     """
     names = list(hook_names or model.hook_names(None, STATE_POINT))
-    cache: dict[str, Tensor] = {}
-
-    def make(name: str):
-        def keep(resid: Tensor, hook: Any) -> Tensor:
-            cache[name] = resid[0].detach().float().clone()
-            return resid
-
-        return keep
-
-    ids = model.as_tensor(list(prompt_ids))
-    capture = [(n, make(n)) for n in names]
-    if control is not None:
-        with control.applied(model), model.bridge.hooks(fwd_hooks=capture):
-            model.bridge(ids)
-    else:
-        with model.bridge.hooks(fwd_hooks=capture):
-            model.bridge(ids)
-    return torch.stack([cache[n] for n in names])
+    with control.applied(model) if control is not None else contextlib.nullcontext():
+        cache = model.capture(model.as_tensor(list(prompt_ids)), names)
+    # under a device map each layer's states sit on that layer's device: gather them on the input device
+    return torch.stack([cache[n][0].float().to(model.device) for n in names])
 
 
 # ---- the dataset on disk ------------------------------------------------------------

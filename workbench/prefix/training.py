@@ -122,7 +122,7 @@ def _batch_states(
     hooks = (controller.hooks(model) if controller is not None else []) + [(h, make(h)) for h in hook_names]
     with model.bridge.hooks(fwd_hooks=hooks):
         model.bridge(ids, attention_mask=mask)
-    states = torch.stack([cache[h][:, n:] for h in hook_names], dim=1)
+    states = torch.stack([cache[h][:, n:].to(model.device) for h in hook_names], dim=1)  # layers may sit on several devices
     valid = mask[:, n:].bool()
     return states, valid
 
