@@ -14,6 +14,9 @@ def _synthesize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="the task's prompt split to run on (default: train)")
     parser.add_argument("--out", required=True, help="data folder (resumable: a rerun skips finished prompts)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the split")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the data already in --out and start over (a rerun with other settings is refused "
+                             "without it)")
     add_search_options(parser)
 
 
@@ -25,8 +28,9 @@ def synthesize_cmd(args: argparse.Namespace) -> int:
     config, task = search_config(args), get_task(args.task)
     task.split(args.split)  # refuses an unknown split before the model loads
     model = load(args)
-    folder = synthesize(model, task, args.split, args.out, limit=args.limit, config=config, progress=not args.json)
-    entries, _ = read_index(folder)
+    folder = synthesize(model, task, args.split, args.out, limit=args.limit, config=config, restart=args.restart,
+                        progress=not args.json)
+    entries = read_index(folder)
     gains = [e["gain"] for e in entries]
     summary = {"out": str(folder), "records": len(entries), "improved": sum(g > 0 for g in gains),
                "mean_gain": sum(gains) / len(gains) if gains else None}
