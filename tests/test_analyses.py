@@ -1,7 +1,10 @@
 """The five control studies under analyses/ run end to end (tiny model, two prompts, two iterations)
-and write the figures and tables their docstrings promise."""
+and write the figures and tables their docstrings promise: every number in the CSV is one the JSON
+reports, and every figure's axes say what they show."""
 
+import csv
 import json
+import math
 
 import pytest
 
@@ -30,13 +33,65 @@ def home(tmp_path, monkeypatch):
     (layer_ablation, ["angry2peaceful.png", "layer_ablation.csv"]),
     (suffix_ablation, ["angry2peaceful.png", "suffix_ablation.csv"]),
 ], ids=lambda s: getattr(s, "__name__", "").removeprefix("analyses."))
-def test_study_writes_its_outputs(study, outputs, home, tmp_path):
+def test_study_writes_its_outputs(study, outputs, home, tmp_path, monkeypatch):
+    from workbench import plotting
+
     name = study.__name__.removeprefix("analyses.")
     out = tmp_path / "out"
     figure = tmp_path / "docs" / "figure.png"
+    unlabelled, saved = [], []
+    original_save = plotting.save
+
+    def named(label, ticks):  # an axis label, or categorical tick labels set by the study (numeric ones appear at draw)
+        return bool(label) or any(t.get_text() for t in ticks)
+
+    def checked_save(fig, path, *args, **kwargs):  # every drawn axis names what its axes show
+        for ax in fig.axes:
+            if getattr(ax, "_colorbar", None) is not None or not ax.axison or not ax.has_data():
+                continue
+            if not named(ax.get_xlabel(), ax.get_xticklabels()) or not named(ax.get_ylabel(), ax.get_yticklabels()):
+                unlabelled.append(f"{path}: {ax.get_title()!r} x={ax.get_xlabel()!r} y={ax.get_ylabel()!r}")
+        saved.append(path)
+        return original_save(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(plotting, "save", checked_save)
     study.main([*SMALL, "--out", str(out), "--docs-figure", str(figure)])
     for file in outputs:
         assert (out / file).stat().st_size > 0, file
     assert figure.read_bytes() == (out / outputs[0]).read_bytes()  # the README figure is the study's main one
+    assert {out / f for f in outputs if f.endswith(".png")} <= {type(out)(p) for p in saved}
+    assert not unlabelled, unlabelled
     summary = json.loads((out / f"{name}.json").read_text())
     assert summary["model"] == "tiny-random" and summary["seconds"] > 0
+
+    # the CSV holds the JSON's numbers: every numeric cell is a value the JSON reports
+    reported = set()
+
+    def collect(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                collect(value)
+        elif isinstance(node, list):
+            for value in node:
+                collect(value)
+        elif isinstance(node, int | float) and not isinstance(node, bool) and math.isfinite(node):
+            reported.add(round(float(node), 5))
+
+    collect(summary)
+    table = next(f for f in outputs if f.endswith(".csv"))
+    with (out / table).open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows, table
+    numbers = 0
+    for row in rows:
+        for column, cell in row.items():
+            if column.endswith("index"):  # a position in a list, not a measurement
+                continue
+            try:
+                value = float(cell)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(value):
+                numbers += 1
+                assert round(value, 5) in reported, f"{table} {column}={cell} is not in {name}.json"
+    assert numbers >= len(rows)

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 
 from workbench.errors import InputError
@@ -165,18 +167,32 @@ def test_no_control_leaks_from_one_method_into_the_next(tiny, repe, tmp_path):
     none = NoControl()
     alone = run_isolated(tiny, none, TASK, PROMPT, DEC).response_ids
     before = hook_state(tiny)
-    _controller(tiny, tmp_path / "angry2peaceful")
+    controller = _controller(tiny, tmp_path / "angry2peaceful")
     prefix = PrefixMethod(tmp_path)
     prefix.prepare(tiny, TASK, DEC)
-    method, _ = repe
+    method, state = repe
     method.prepare(tiny, TASK, DEC, state={"coefficient": 1.0})
-    changed = []
+    ids = tiny.chat_ids(PROMPT)
+
+    def generate(prompt_ids, control=None):
+        with control.applied(tiny) if control is not None else contextlib.nullcontext():
+            return list(tiny.generate([prompt_ids], **DEC.kwargs()).tokens[0])
+
+    # what each method's control produces when applied by hand: the isolated run must give exactly that
+    expected = {
+        "selfcontrol": list(self_control(tiny, PROMPT, TASK, max_new_tokens=DEC.max_new_tokens, seed=DEC.seed,
+                                         progress=False, **SC).response_ids),
+        "repe": generate(ids, method._vectors[TASK.id].as_control(tiny, len(ids), 1.0, state["layers"])),
+        "prefix": generate(ids, controller),
+        "prompt": generate(PromptInstruction().prompt_ids(tiny, TASK, PROMPT)),
+    }
     for m in (SelfControlMethod(SC), method, prefix, PromptInstruction()):
         out = run_isolated(tiny, m, TASK, PROMPT, DEC)
-        changed.append(out.response_ids != alone)
+        assert out.response_ids == expected[m.name], m.name
         assert hook_state(tiny) == before
         assert run_isolated(tiny, none, TASK, PROMPT, DEC).response_ids == alone
-    assert any(changed)  # the controls did act while they were applied
+    # the controls did act while they were applied (a reading vector at 1x the residual norm, an instruction)
+    assert expected["repe"] != alone and expected["prompt"] != alone
 
 
 class _Leaky(Method):
