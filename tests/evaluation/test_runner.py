@@ -278,3 +278,44 @@ def test_cli_evaluate_and_summary_only(tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "run.json").read_text())["fingerprint"]["decoding"]["max_new_tokens"] == 4
 
 
+
+
+KILLED_RUN = """
+import os, signal, sys
+import workbench as wb
+from workbench.evaluation import runner
+from workbench.store import append_jsonl
+calls = []
+def append_then_die(path, record):  # the third record: half of its line reaches the disk, then SIGKILL
+    calls.append(1)
+    if len(calls) == 3:
+        line = (__import__("json").dumps(record) + "\\n").encode()
+        with open(path, "ab") as fh:
+            fh.write(line[: len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    append_jsonl(path, record)
+runner.append_jsonl = append_then_die
+model = wb.load_model("tiny-random", progress=False)
+runner.evaluate(model, ["angry2peaceful"], "none,prompt", sys.argv[2:], sys.argv[1], max_new_tokens=4, progress=False)
+"""
+
+
+def test_evaluation_killed_mid_line_resumes_to_the_same_records(tiny, tmp_path, caplog):
+    import logging
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(out), *PROMPTS], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / ".lock").is_file() and not (out / "results.jsonl").read_text().endswith("\n")
+    with caplog.at_level(logging.WARNING, logger="workbench"):
+        result = evaluate(tiny, [TASK], "none,prompt", PROMPTS, out, **FAST)
+    assert "stale lock" in caplog.text and "torn last line 3" in caplog.text
+    lines = [json.loads(x) for x in _lines(out)]
+    assert len(lines) == 4 and len(set(_keys(lines))) == 4 and len(result.records) == 4
+    fresh = evaluate(tiny, [TASK], "none,prompt", PROMPTS, tmp_path / "fresh", **FAST)
+    assert sorted((r["method"], r["prompt"], r["response_ids"]) for r in lines) == \
+        sorted((r["method"], r["prompt"], r["response_ids"]) for r in fresh.records)
