@@ -506,3 +506,30 @@ def default_batch_prompts(model: HookedChatModel) -> int:
     # per prompt: ~8 candidate rows x 512 positions x (layers x d_model residual + vocab logits), x4 for the backward
     per_prompt = 8 * 512 * (model.n_layers * model.d_model * 4 + model.d_vocab) * element
     return int(max(1, min(64, (free * 0.5) // per_prompt)))
+
+
+def compare_searches(a: SelfControlResult, b: SelfControlResult, tolerance: float = 1e-4) -> dict[str, int]:
+    """Did two searches of one prompt accept the same step at every iteration? Counts of iterations.
+
+    ``same``: equal accepted step (or both none). ``tie``: they differ, but in one of them a
+    candidate's accept decision was within ``tolerance`` of the bar it had to clear (two
+    scores that close are equal up to float noise, so either choice is right); the
+    trajectories part there, so later iterations are not compared. ``different``: anything else.
+    """
+    out = {"compared": 0, "same": 0, "tie": 0, "different": 0}
+    before_a, before_b = a.initial_score, b.initial_score
+    for ia, ib in zip(a.iterations, b.iterations, strict=False):
+        out["compared"] += 1
+        if ia.accepted_step == ib.accepted_step:
+            out["same"] += 1
+            before_a, before_b = ia.best_score, ib.best_score
+            continue
+
+        def close(it: Iteration, bar: float) -> bool:
+            return any(abs(c.score - (bar + a.config.threshold)) <= tolerance for c in it.candidates if c.score == c.score)
+
+        out["tie" if close(ia, before_a) or close(ib, before_b) else "different"] += 1
+        break
+    if out["different"] == 0 and out["tie"] == 0 and len(a.iterations) != len(b.iterations):
+        out["different"] += 1  # one stopped, the other went on with the same steps: cannot happen without a tie
+    return out

@@ -122,42 +122,68 @@ def score_responses(
         for p, r in chunk:
             for s in suffixes:
                 model.check_length(model.prefix_len + len(p) + len(r) + len(s.ids))
+        rows_meta = [(list(p), list(r), s) for p, r in chunk for s in suffixes]
+        # the logits wanted per row, by position u in (prompt + response + suffix) predicting token u + 1:
+        # the last one (the score), and on each pair's first row those predicting the response (its NLL)
+        wanted = [[len(p) + len(r) + len(s.ids) - 1] + (list(range(len(p) - 1, len(p) + len(r) - 1)) if k == 0 else [])
+                  for i, (p, r, s) in enumerate(rows_meta) for k in [i % len(suffixes)]]
         distinct = list(dict.fromkeys(tuple(p) for p, _ in chunk))
         if clean and len(distinct) < len(chunk):
-            logits, offsets = _forward_shared_prompts(model, distinct, [distinct.index(tuple(p)) for p, _ in chunk
-                                                                        for _ in suffixes],
-                                                      [list(r) + list(s.ids) for _, r in chunk for s in suffixes])
+            got = _forward_shared_prompts(model, distinct, [distinct.index(tuple(p)) for p, _, _ in rows_meta],
+                                          [r + list(s.ids) for _, r, s in rows_meta], wanted)
         else:
-            rows = [list(p) + list(r) + list(s.ids) for p, r in chunk for s in suffixes]
-            ids, mask, _ = right_pad(rows, model.pad_token_id, model.device)
-            ids, mask, layout = model.rows_layout(ids, mask, [len(p) for p, _ in chunk for _ in suffixes])
+            ids, mask, _ = right_pad([p + r + list(s.ids) for p, r, s in rows_meta], model.pad_token_id, model.device)
+            ids, mask, layout = model.rows_layout(ids, mask, [len(p) for p, _, _ in rows_meta])
+            n = model.prefix_len
             with model.declared(layout):
-                logits = model.bridge(ids, attention_mask=mask)
-            offsets = [-model.prefix_len] * len(rows)
-        # row i's token at position t (counted from its prompt's start) is predicted by logits[i, t - 1 - offsets[i]]
-        rows_meta = [(p, r, s) for p, r in chunk for s in suffixes]
-        ends = [len(p) + len(r) + len(s.ids) - 1 - offsets[i] for i, (p, r, s) in enumerate(rows_meta)]
-        s = _gap_scores(logits[torch.arange(len(ends)), torch.as_tensor(ends, device=logits.device)], suffixes, temperature)
+                flat = _logits_at(model, [i for i, us in enumerate(wanted) for _ in us], [n + u for us in wanted for u in us],
+                                  ids, attention_mask=mask)
+            got = _split(flat, wanted)
+        s = _gap_scores(torch.stack([g[0] for g in got]), suffixes, temperature)
         per.append(s.to(model.device))
         scores.append(s.to(model.device) @ weights)
-        for j, (p, r) in enumerate(chunk):
+        for j, (_, r) in enumerate(chunk):
             if len(r) == 0:
                 nlls.append(torch.tensor(float("inf"), device=model.device))
                 continue
-            i = j * len(suffixes)
-            row = logits[i, len(p) - 1 - offsets[i]: len(p) + len(r) - 1 - offsets[i]].float()
+            row = got[j * len(suffixes)][1:].float()
             tok = torch.as_tensor(list(r), device=row.device)
             nlls.append(-row.log_softmax(-1).gather(-1, tok[:, None]).mean().to(model.device))
     return ResponseScores(torch.cat(scores), torch.cat(per), torch.stack(nlls))
 
 
+def _logits_at(
+    model: HookedChatModel, rows: Sequence[int], cols: Sequence[int], ids: Int[Tensor, "batch pos"], **forward: Any
+) -> Float[Tensor, "n d_vocab"]:
+    """The logits of the bridge forward over ``ids`` at ``(rows[k], cols[k])`` only.
+
+    The unembedding is applied to those positions alone (the vocabulary-sized matmul
+    costs most of a forward on a small model and is not needed elsewhere).
+    """
+    r, c = torch.as_tensor(list(rows), dtype=torch.long), torch.as_tensor(list(cols), dtype=torch.long)
+    if UNEMBED_IN not in model.bridge.hook_dict:
+        logits = model.bridge(ids, **forward)
+        return logits[r.to(logits.device), c.to(logits.device)]
+    with model.bridge.hooks(fwd_hooks=[(UNEMBED_IN, lambda x, hook: x[r.to(x.device), c.to(x.device)][None])]):
+        return model.bridge(ids, **forward)[0]
+
+
+def _split(flat: Tensor, wanted: list[list[int]]) -> list[Tensor]:
+    out, at = [], 0
+    for us in wanted:
+        out.append(flat[at: at + len(us)])
+        at += len(us)
+    return out
+
+
 def _forward_shared_prompts(
-    model: HookedChatModel, prompts: list[tuple[int, ...]], owner: list[int], rests: list[list[int]]
-) -> tuple[Float[Tensor, "batch pos d_vocab"], list[int]]:
-    """Logits over ``prompt[-1:] + rest`` per row, each distinct prompt's KV computed once.
+    model: HookedChatModel, prompts: list[tuple[int, ...]], owner: list[int], rests: list[list[int]],
+    wanted: list[list[int]],
+) -> list[Float[Tensor, "n d_vocab"]]:
+    """Per row the logits at positions ``wanted[i]`` of ``prompt + rest``, each distinct prompt's KV computed once.
 
     The distinct prompts run left-padded in one prefill; row ``i`` continues prompt
-    ``owner[i]`` from its cache. Returns the logits and each row's offset ``len(prompt) - 1``.
+    ``owner[i]`` from its cache. Position ``len(prompt) - 1`` comes from the prefill.
     """
     from transformers import DynamicCache
 
@@ -166,8 +192,10 @@ def _forward_shared_prompts(
     cache = DynamicCache()
     head_ids, head_mask = left_pad(prompts, model.pad_token_id, model.device)
     layout = ForwardLayout.left_padded(prompts)
+    width = head_ids.shape[1]
     with model.declared(layout):
-        head = model.bridge(head_ids, attention_mask=head_mask, position_ids=positions(head_mask), past_key_values=cache)[:, -1:]
+        head = _logits_at(model, range(len(prompts)), [width - 1] * len(prompts), head_ids, attention_mask=head_mask,
+                          position_ids=positions(head_mask), past_key_values=cache)
     index = torch.as_tensor(owner, device=model.device)
     if len(prompts) == 1:
         cache.batch_repeat_interleave(len(rests))
@@ -175,12 +203,24 @@ def _forward_shared_prompts(
         cache.batch_select_indices(index)
     ids, mask, _ = right_pad(rests, model.pad_token_id, model.device)
     full_mask = torch.cat([head_mask[index], mask], 1)
-    lens = torch.as_tensor([len(prompts[o]) for o in owner], device=model.device)
-    pos = lens[:, None] + torch.arange(ids.shape[1], device=model.device)
-    rows_layout = ForwardLayout(tuple(layout.rows[o] for o in owner)).shifted(head_ids.shape[1])
-    with model.declared(rows_layout):
-        logits = model.bridge(ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache)
-    return torch.cat([head[index].to(logits.device), logits], 1), [len(prompts[o]) - 1 for o in owner]
+    lens = [len(prompts[o]) for o in owner]
+    pos = torch.as_tensor(lens, device=model.device)[:, None] + torch.arange(ids.shape[1], device=model.device)
+    rest_wanted = [[u - n for u in us if u >= n] for us, n in zip(wanted, lens, strict=True)]
+    with model.declared(ForwardLayout(tuple(layout.rows[o] for o in owner)).shifted(width)):
+        flat = _logits_at(model, [i for i, us in enumerate(rest_wanted) for _ in us], [c for us in rest_wanted for c in us],
+                          ids, attention_mask=full_mask, position_ids=pos, past_key_values=cache)
+    rest = _split(flat, rest_wanted)
+    out = []
+    for i, (us, n) in enumerate(zip(wanted, lens, strict=True)):
+        parts, k = [], 0
+        for u in us:
+            if u == n - 1:
+                parts.append(head[owner[i]].to(flat.device))
+            else:
+                parts.append(rest[i][k])
+                k += 1
+        out.append(torch.stack(parts))
+    return out
 
 
 def suffix_score(
