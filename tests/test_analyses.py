@@ -8,7 +8,7 @@ import pytest
 from analyses import directions, layer_ablation, norm_patterns, repe_cosine, suffix_ablation
 
 SMALL = ["--model", "tiny-random", "--tasks", "angry2peaceful", "--n-prompts", "2",
-         "--iterations", "2", "--max-new-tokens", "6"]
+         "--iterations", "2", "--max-new-tokens", "6", "--batch-prompts", "2"]
 
 
 @pytest.fixture()
