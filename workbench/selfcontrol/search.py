@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 
 SCORE_ROWS = 64  # rows (answers x suffixes) per clean scoring forward
 CPU_BATCH_PROMPTS = 8
+#: Seconds spent in each part of the search in this process (``gradient``, ``generation``,
+#: ``scoring``): the throughput benchmark reads it to say where the time goes.
+TIMINGS: dict[str, float] = {"gradient": 0.0, "generation": 0.0, "scoring": 0.0}
 
 
 @dataclass
@@ -241,12 +244,16 @@ def evaluate_many(
             controls.append(c)
             groups.append(g)
     batch = Control.stack(controls) if len(controls) > 1 else controls[0]
+    start = time.perf_counter()
     with batch.applied(model):
         gen = model.generate(rows, max_new_tokens=cfg.max_new_tokens, branches=cfg.branches, do_sample=cfg.do_sample,
                              temperature=cfg.temperature, top_p=cfg.top_p, seed=[seed for _, _, seed in jobs],
                              seed_groups=groups)
+    middle = time.perf_counter()
     scored = score_responses(model, gen.prompts, gen.tokens, suffixes, temperature=cfg.score_temperature,
                              batch_size=SCORE_ROWS)
+    TIMINGS["generation"] += middle - start
+    TIMINGS["scoring"] += time.perf_counter() - middle
     out: list[list[list[Option]]] = []
     row = 0
     for _, cs, _ in jobs:
@@ -442,11 +449,13 @@ def _round_unguarded(model: HookedChatModel, cfg: SelfControlConfig, steps: list
     starting = [s for s in active if s.original is None]
     iterating = [s for s in active if s.original is not None and not s.done]
     grads = []
+    start = time.perf_counter()
     if iterating:
         grads = suffix_gradients_many(model, [s.prompt_ids for s in iterating], [s.best["ids"] for s in iterating],
                                       suffixes, controls=[s.best["control"] for s in iterating], loss=cfg.loss,
                                       point=cfg.point, layers=cfg.layers, clip=cfg.clip, top_k=cfg.grad_top_k,
                                       temperature=cfg.score_temperature)
+    TIMINGS["gradient"] += time.perf_counter() - start
     candidates = []
     for s, g in zip(iterating, grads, strict=True):
         controls = [s.best["control"] + g.step(eta, cfg.step_mode) for eta in steps]
