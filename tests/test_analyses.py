@@ -11,7 +11,7 @@ import pytest
 from analyses import directions, layer_ablation, norm_patterns, repe_cosine, suffix_ablation
 
 SMALL = ["--model", "tiny-random", "--tasks", "angry2peaceful", "--n-prompts", "2",
-         "--iterations", "2", "--max-new-tokens", "6"]
+         "--iterations", "2", "--max-new-tokens", "6", "--batch-prompts", "2"]
 
 
 @pytest.fixture()
@@ -95,3 +95,27 @@ def test_study_writes_its_outputs(study, outputs, home, tmp_path, monkeypatch):
                 numbers += 1
                 assert round(value, 5) in reported, f"{table} {column}={cell} is not in {name}.json"
     assert numbers >= len(rows)
+
+
+def test_throughput_benchmark_prints_consistent_json(capsys):
+    """``analyses.throughput --json`` on the tiny model: one object keyed by dtype, figures that agree with each other."""
+    from analyses import throughput
+
+    throughput.main(["--model", "tiny-random", "--dtypes", "float32", "--json", "--n-prompts", "3", "--batch", "3",
+                     "--max-new-tokens", "6"])
+    data = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(data) == ["float32"]  # --dtypes float32 runs one dtype only
+    r = data["float32"]
+    for key in ("sequential_prompts_per_min", "batched_prompts_per_min", "ratio", "amortized_plain_generations",
+                "same_step_fraction", "gain_sequential", "gain_batched"):
+        assert isinstance(r[key], float | int), key
+    assert r["prompts"] == 3 and r["batch_size"] == 3
+    assert r["sequential_prompts_per_min"] == pytest.approx(60 * 3 / r["sequential_seconds"], rel=0.01)
+    assert r["batched_prompts_per_min"] == pytest.approx(60 * 3 / r["batched_seconds"], rel=0.01)
+    assert r["ratio"] == pytest.approx(r["batched_prompts_per_min"] / r["sequential_prompts_per_min"], rel=0.01)
+    assert r["amortized_plain_generations"] == pytest.approx(
+        r["batched_seconds"] / 3 / r["plain_generation_seconds"], rel=0.02)
+    assert 0 <= r["tie_fraction"] <= r["same_step_fraction"] <= 1 and r["iterations_compared"] >= 3
+    # the batched search means the same as one prompt at a time (equivalence is tested in tests/selfcontrol)
+    assert r["same_step_fraction"] == 1.0 and r["gain_batched"] == pytest.approx(r["gain_sequential"], abs=2e-3)
+    assert sum(r["batched_time_split"].values()) <= 1.0 + 1e-6

@@ -152,3 +152,14 @@ def test_unknown_setting_is_refused(tiny, root):
 
     with pytest.raises(InputError, match="unknown settings"):
         cc.cached_self_control(tiny, PROMPT, "angry2peaceful", CONFIG, root=root, max_tokens=3)
+
+
+def test_many_reads_the_cached_prompts_and_searches_the_rest_together(tiny, root, first):
+    other = "Tell me about your weekend."
+    computed = cc.stats["computed"]
+    records = cc.cached_self_control_many(tiny, [PROMPT, other], "angry2peaceful", CONFIG, root=root, batch_size=2)
+    assert cc.stats["computed"] == computed + 1  # only the uncached prompt was searched
+    assert records[0].from_cache and records[0].response_ids == first.response_ids
+    assert not records[1].from_cache and records[1].prompt == other
+    alone = cc.cached_self_control(tiny, other, "angry2peaceful", CONFIG, root=root)
+    assert alone.from_cache and alone.key == records[1].key and alone.response_ids == records[1].response_ids

@@ -126,9 +126,9 @@ def test_as_control(tiny, fitted):
     expected = 0.5 * rv.scales["blocks.1.hook_resid_post"] * rv.direction(1)
     assert torch.allclose(delta, expected.expand_as(delta), atol=1e-5)
     with torch.no_grad():
-        clean = tiny.bridge(tiny.as_tensor(ids))
+        clean = tiny.run_with_cache(tiny.as_tensor(ids), names_filter=[])[0]
         with control.applied(tiny):
-            steered = tiny.bridge(tiny.as_tensor(ids))
+            steered = tiny.run_with_cache(tiny.as_tensor(ids), names_filter=[])[0]
     assert not torch.allclose(clean, steered)
     assert set(rv.as_control(tiny, 3, 1.0).hook_names) == set(rv.hook_names)
     with pytest.raises(InputError):

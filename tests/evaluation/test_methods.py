@@ -84,8 +84,8 @@ def test_repe_coefficient_is_chosen_on_train_prompts_outside_the_evaluated_ones(
 
 
 def test_repe_selection_batch_gives_each_row_what_it_gives_alone(tiny, repe):
-    """prepare generates every (prompt, coefficient) row in one left-padded batch under a control as wide as the
-    longest prompt; if that shifted the vector or the padding leaked, the coefficient would be chosen on other text."""
+    """prepare generates every (prompt, coefficient) row in one left-padded batch under per-row controls, each on
+    its own prompt; if that shifted the vector or the padding leaked, the coefficient would be chosen on other text."""
     method, state = repe
     vector, layers = method._vectors[TASK.id], state["layers"]
     prompt_ids = [tiny.chat_ids(p) for p in state["selection_prompts"]]
@@ -93,6 +93,9 @@ def test_repe_selection_batch_gives_each_row_what_it_gives_alone(tiny, repe):
     width = max(len(ids) for ids in prompt_ids)
     rows = [(ids, c) for ids in prompt_ids for c in method.coefficients]
     with Control.stack([vector.as_control(tiny, width, c, layers) for _, c in rows]).applied(tiny):
+        with pytest.raises(InputError, match="belongs to"):  # one width for all rows no longer lands anywhere
+            tiny.generate([ids for ids, _ in rows], **DEC.kwargs())
+    with Control.stack([vector.as_control(tiny, len(ids), c, layers).bind(ids) for ids, c in rows]).applied(tiny):
         batched = [list(t) for t in tiny.generate([ids for ids, _ in rows], **DEC.kwargs()).tokens]
     alone = []
     for ids, c in rows:
@@ -199,7 +202,7 @@ class _Leaky(Method):
     name = "leaky"
 
     def respond(self, model, task, prompt, decoding):
-        model.prefix_ids = [model.pad_token_id]
+        model.prefix = PrefixController.init(model, 1)  # the applied-prefix state, never cleared
         return MethodResponse([], [], 0.0)
 
 
@@ -208,7 +211,7 @@ def test_run_isolated_catches_a_method_that_leaves_control_behind(tiny):
         with pytest.raises(ControlLeakError, match="leaky"):
             run_isolated(tiny, _Leaky(), TASK, PROMPT, DEC)
     finally:
-        tiny.prefix_ids = []
+        tiny.prefix = None
 
 
 @pytest.mark.embedded
