@@ -137,6 +137,9 @@ def test_a_record_keeps_the_users_prompt_text_when_called_with_ids(tiny, tmp_pat
     by_text = cc.cached_self_control(tiny, PROMPT, "angry2peaceful", cheap, root=tmp_path)
     assert by_text.from_cache and by_text.key == by_ids.key and by_text.prompt == PROMPT
     assert cc.lookup(tiny, tiny.chat_ids(PROMPT), "angry2peaceful", cheap, root=tmp_path).prompt == PROMPT
+    many = cc.cached_self_control_many(tiny, [tiny.chat_ids("Why are you late again?")], "angry2peaceful", cheap,
+                                       root=tmp_path, progress=False)
+    assert [r.prompt for r in many] == ["Why are you late again?"] and not many[0].from_cache
     system = tiny.chat_ids(PROMPT, system="Be brief.")  # not one plain user turn: its text is what it decodes to
     assert cc.user_text(tiny, system) == tiny.decode(system)
 

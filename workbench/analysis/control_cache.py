@@ -288,8 +288,9 @@ def cached_self_control_many(
         for i, result in zip(missing, results, strict=True):
             key = cache_key(model, result.prompt_ids, task, cfg)
             stats["computed"] += 1
-            records[i] = _record(result, key, cfg)
-            _write(records[i], cache_root(root) / key)
+            record = records[i] = _record(result, key, cfg)
+            record.prompt = user_text(model, prompts[i])
+            _write(record, cache_root(root) / key)
     return [r for r in records if r is not None]
 
 
