@@ -42,6 +42,9 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repe-pairs", type=int, default=None, help="contrast pairs the reading vector is fitted on (default: all)")
     parser.add_argument("--config", default=None, help="rerun/resume the run described by an earlier config.json")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary of --out from its results")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the results already in --out and start over (a rerun with other settings is "
+                             "refused without it)")
     add_search_options(parser)  # selfcontrol's knobs; --max-new-tokens, --seed and --sample apply to every method
 
 
@@ -57,7 +60,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         print(json.dumps(summary) if args.json else (Path(args.out) / "summary.md").read_text())
         return 0
     if args.config:
-        result = evaluate_from_config(args.config, model=load(args) if args.model else None, progress=not args.json)
+        result = evaluate_from_config(args.config, model=load(args) if args.model else None, progress=not args.json,
+                                      restart=args.restart)
     else:
         cfg = search_config(args)
         repe = {"coefficients": args.repe_coefficients, "n_select": args.repe_select, "n_pairs": args.repe_pairs,
@@ -68,7 +72,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
         resolve_prompts([get_task(t) for t in tasks], args.prompts, args.limit)
         result = evaluate(load(args), tasks, args.methods, args.prompts, args.out, prefix=args.prefix,
                           max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.sample, limit=args.limit,
-                          selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style, progress=not args.json)
+                          selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style, restart=args.restart,
+                          progress=not args.json)
     if args.json:
         print(json.dumps(result.summary))
     else:

@@ -14,6 +14,9 @@ def _synthesize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="the task's prompt split to run on (default: train)")
     parser.add_argument("--out", required=True, help="data folder (resumable: a rerun skips finished prompts)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the split")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the data already in --out and start over (a rerun with other settings is refused "
+                             "without it)")
     add_search_options(parser)
     ray_options(parser)
 
@@ -30,11 +33,11 @@ def synthesize_cmd(args: argparse.Namespace) -> int:
         from ..distributed.jobs import synthesize_on_ray
 
         folder = synthesize_on_ray(load_args(args), task, args.split, args.out, limit=args.limit, config=config,
-                                   ray=ray, progress=not args.json)
+                                   restart=args.restart, ray=ray, progress=not args.json)
     else:
         folder = synthesize(load(args), task, args.split, args.out, limit=args.limit, config=config,
-                            progress=not args.json)
-    entries, _ = read_index(folder)
+                            restart=args.restart, progress=not args.json)
+    entries = read_index(folder)
     gains = [e["gain"] for e in entries]
     summary = {"out": str(folder), "records": len(entries), "improved": sum(g > 0 for g in gains),
                "mean_gain": sum(gains) / len(gains) if gains else None}

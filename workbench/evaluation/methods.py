@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import InputError, WorkbenchError
 from ..selfcontrol.control import Control
 from ..selfcontrol.fluency import is_degenerate
-from ..selfcontrol.search import SelfControlConfig, config_dict, resolve_config, self_control
+from ..selfcontrol.search import SEARCH_VERSION, SelfControlConfig, config_dict, resolve_config
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import Task
 
@@ -97,9 +97,20 @@ class Method:
 
     name: ClassVar[str] = ""
 
+    #: Prompts handed to :meth:`respond_many` at once by the runner (a record is committed per call).
+    prompts_per_call: ClassVar[int] = 1
+
     def settings(self) -> dict[str, Any]:
         """JSON-able settings, recorded in the run's config."""
         return {}
+
+    def fingerprint(self, model: HookedChatModel, tasks: Sequence[Task]) -> dict[str, Any]:
+        """Everything of this method that changes its responses on ``tasks``: settings, plus content it reads.
+
+        The resumable-run fingerprint (:func:`workbench.store.check_fingerprint`) compares it, so it names
+        content (e.g. a controller's hash), never a path that could hold something else tomorrow.
+        """
+        return self.settings()
 
     def prepare(self, model: HookedChatModel, task: Task, decoding: Decoding, *,
                 held_out: Sequence[str] = (), state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -111,6 +122,11 @@ class Method:
 
     def respond(self, model: HookedChatModel, task: Task, prompt: str, decoding: Decoding) -> MethodResponse:
         raise NotImplementedError
+
+    def respond_many(self, model: HookedChatModel, task: Task, prompts: Sequence[str],
+                     decoding: Decoding) -> list[MethodResponse]:
+        """One response per prompt (a method that can batch overrides this)."""
+        return [self.respond(model, task, prompt, decoding) for prompt in prompts]
 
 
 class NoControl(Method):
@@ -134,6 +150,9 @@ class PromptInstruction(Method):
 
     def settings(self) -> dict[str, Any]:
         return {"style": self.style}
+
+    def fingerprint(self, model, tasks):
+        return {**self.settings(), "instructions": {t.id: t.instruction for t in tasks}}
 
     def prompt_ids(self, model: HookedChatModel, task: Task, prompt: str) -> list[int]:
         if not task.instruction.strip():
@@ -196,6 +215,19 @@ class RepeAddition(Method):
                 "method": self.method, "point": self.point, "fluency_margin": self.fluency_margin,
                 "n_pairs": self.n_pairs}
 
+    def fingerprint(self, model, tasks):
+        """Settings, the layer window, and the data the vector is fitted and its coefficient chosen on."""
+        from ..store import fingerprint_hash
+
+        def data(task: Task) -> str:
+            try:
+                train = task.split("train")
+            except InputError:
+                train = []
+            return fingerprint_hash({"pairs": [asdict(p) for p in task.contrast_pairs], "train": train})
+
+        return {**self.settings(), "window": self.window(model), "data": {t.id: data(t) for t in tasks}}
+
     def window(self, model: HookedChatModel) -> list[int]:
         """The layers the vector is added at (default: the middle third)."""
         if self.layers is not None:
@@ -218,6 +250,12 @@ class RepeAddition(Method):
                                                   method=self.method)
         vector = self._vectors[task.id] = self._fitted[key]
         if state and "coefficient" in state:
+            tuned_on = held & set(state.get("selection_prompts") or ())
+            if tuned_on:
+                raise InputError(
+                    f"repe: the saved coefficient for task {task.id!r} was chosen on prompts that are now evaluated "
+                    f"({sorted(tuned_on)[:3]}{' ...' if len(tuned_on) > 3 else ''}); a method may not be tuned on "
+                    "its test prompts. Evaluate other prompts, or rerun with --restart to choose it again")
             self._chosen[task.id] = float(state["coefficient"])
             return state
         try:
@@ -282,14 +320,24 @@ class SelfControlMethod(Method):
         """The search's settings less the decoding ones, which :class:`Decoding` records for every method."""
         return {k: v for k, v in config_dict(self.config).items() if k not in Decoding.__dataclass_fields__}
 
+    def fingerprint(self, model, tasks):
+        return {**self.settings(), "search_version": SEARCH_VERSION}
+
     def respond(self, model, task, prompt, decoding):
+        return self.respond_many(model, task, [prompt], decoding)[0]
+
+    def respond_many(self, model, task, prompts, decoding):
+        """The searches of ``prompts`` through :func:`workbench.prefix.synthesis.search_prompts` (the one search loop)."""
+        from ..prefix.synthesis import search_prompts
+
         cfg = resolve_config(self.config, **decoding.kwargs(), progress=False)
         start = time.perf_counter()
-        result = self_control(model, prompt, task, cfg)
-        return MethodResponse(result.prompt_ids, list(result.response_ids), time.perf_counter() - start, {
-            "initial_score": result.initial_score, "search_score": result.score, "gain": result.gain,
-            "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
-        })
+        results = search_prompts(model, prompts, task, cfg)
+        seconds = (time.perf_counter() - start) / max(1, len(prompts))
+        return [MethodResponse(r.prompt_ids, list(r.response_ids), seconds, {
+            "initial_score": r.initial_score, "search_score": r.score, "gain": r.gain,
+            "iterations_accepted": r.iterations_accepted, "iterations_run": len(r.iterations),
+        }) for r in results]
 
 
 class PrefixMethod(Method):
@@ -303,6 +351,13 @@ class PrefixMethod(Method):
 
     def settings(self) -> dict[str, Any]:
         return {"folder": str(self.folder)}
+
+    def fingerprint(self, model, tasks):
+        """Each task's controller by content (hash of its tensors and config), not by folder path."""
+        from ..prefix.controller import KIND
+        from ..store import content_hash
+
+        return {"controllers": {t.id: content_hash(self.controller_folder(t), KIND) for t in tasks}}
 
     def controller_folder(self, task: Task) -> Path:
         per_task = self.folder / task.id
@@ -368,11 +423,19 @@ def build_methods(
     return out
 
 
-def run_isolated(model: HookedChatModel, method: Method, task: Task, prompt: str, decoding: Decoding) -> MethodResponse:
-    """``method.respond`` with a check that it left no hooks or prefix behind (raises :class:`ControlLeakError`)."""
+def run_isolated_many(model: HookedChatModel, method: Method, task: Task, prompts: Sequence[str],
+                      decoding: Decoding) -> list[MethodResponse]:
+    """``method.respond_many`` with a check that it left no hooks or prefix behind (raises :class:`ControlLeakError`)."""
     before = hook_state(model)
-    out = method.respond(model, task, prompt, decoding)
+    out = method.respond_many(model, task, list(prompts), decoding)
     after = hook_state(model)
     if after != before:
         raise ControlLeakError(f"method {method.name!r} left control on the model: hooks/prefix {before} -> {after}")
+    if len(out) != len(prompts):
+        raise ControlLeakError(f"method {method.name!r} returned {len(out)} responses for {len(prompts)} prompts")
     return out
+
+
+def run_isolated(model: HookedChatModel, method: Method, task: Task, prompt: str, decoding: Decoding) -> MethodResponse:
+    """:func:`run_isolated_many` of one prompt."""
+    return run_isolated_many(model, method, task, [prompt], decoding)[0]

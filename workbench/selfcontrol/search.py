@@ -34,6 +34,9 @@ from .tasks import CompiledSuffix, Task, get_task
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
 
+#: Version of the search's *behaviour*: bump it with any change that can change a result for the same settings
+#: (step geometry, acceptance rule, scoring). Caches and resumable runs key on it, so old results stop being served.
+SEARCH_VERSION = 2
 
 @dataclass
 class SelfControlConfig:
