@@ -34,7 +34,7 @@ def cfg():
 def entries(folder):
     """Index entries by key, without the wall time (the one field that differs between runs)."""
     out = {}
-    for e in read_index(folder)[0]:
+    for e in read_index(folder):
         assert e["key"] not in out, f"{e['key']} written twice"
         out[e["key"]] = {k: v for k, v in e.items() if k != "seconds"}
     return out
