@@ -121,3 +121,41 @@ def test_the_driver_killed_mid_run_resumes_on_rerun(ray_cluster, reference, tmp_
     assert main([*CLI, "--out", str(out), "--ray", "--ray-workers", "2"]) == 0  # joins the session's cluster
     assert_same_data(out, reference)
     assert {k: entries(out)[k] for k in before} == before  # finished records were not redone
+
+
+EVAL = dict(tasks="angry2peaceful", methods="none,repe,selfcontrol", prompts="test", limit=3, max_new_tokens=6,
+            selfcontrol={"iterations": 1, "n_steps": 2}, repe={"coefficients": [0.0, 1.0], "n_select": 2, "n_pairs": 4})
+
+
+def comparable(records):
+    """Records by (method, prompt), without wall times."""
+    out = {}
+    for r in records:
+        key = (r["method"], r["prompt"])
+        assert key not in out, f"{key} written twice"
+        out[key] = {k: v for k, v in r.items() if k not in ("seconds", "info")}
+    return out
+
+
+def test_evaluate_on_ray_writes_the_single_process_records_and_resumes(ray_cluster, tiny, tmp_path):
+    from workbench.distributed.jobs import evaluate_on_ray
+    from workbench.evaluation.runner import evaluate
+    from workbench.store import read_jsonl
+
+    single = evaluate(tiny, out_dir=tmp_path / "single", progress=False, **EVAL)
+    settings = RaySettings(workers=2, chunk_size=1)
+    sharded = evaluate_on_ray({"name": "tiny-random"}, out_dir=tmp_path / "ray", ray=settings, progress=False, **EVAL)
+    assert settings.stats.written == 3 and len(settings.stats.per_worker) == 2  # both workers answered
+    got, want = comparable(read_jsonl(tmp_path / "ray" / "results.jsonl")), comparable(single.records)
+    assert sorted(got) == sorted(want)
+    for key, record in want.items():
+        for field, value in record.items():
+            if isinstance(value, float):
+                assert got[key][field] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, field)
+            else:
+                assert got[key][field] == value, (key, field)
+    assert (tmp_path / "ray" / "summary.md").is_file() and len(sharded.records) == 9
+    again = RaySettings(workers=1)
+    evaluate_on_ray({"name": "tiny-random"}, out_dir=tmp_path / "ray", ray=again, progress=False, **EVAL)
+    assert again.stats.items == 0  # a rerun finds everything done
+    assert len(read_jsonl(tmp_path / "ray" / "results.jsonl")) == 9

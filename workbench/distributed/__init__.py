@@ -22,6 +22,7 @@ _LAZY = {
     "WorkerPool": "pool",
     "RunStats": "pool",
     "connect": "pool",
+    "RaySettings": "jobs",
     "synthesize_on_ray": "jobs",
     "evaluate_on_ray": "jobs",
 }
