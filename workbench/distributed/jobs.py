@@ -114,8 +114,9 @@ def _record_key(record: dict[str, Any]) -> tuple[str, str, str]:
 class EvaluationJob(ModelJob):
     """Per chunk: :func:`workbench.evaluation.runner.respond_and_judge`, the single-process path's own work.
 
-    The actor's state: the model, its own copies of the methods, and which
-    (task, method) it has set up from the driver's prepared state.
+    The actor's state: the model, its own copies of the methods (functions
+    sent with :meth:`WorkerPool.call` must use these, not the job they were
+    pickled with), and which (task, method) it has set up.
     """
 
     tasks: list[Task] = field(default_factory=list)
@@ -124,12 +125,12 @@ class EvaluationJob(ModelJob):
     by_task: dict[str, list[str]] = field(default_factory=dict)
 
     def setup(self) -> dict[str, Any]:
-        return {"model": super().setup(), "ready": set(), "suffixes": {}}
+        return {"model": super().setup(), "methods": self.methods, "ready": set(), "suffixes": {}}
 
     def prepare(self, state: dict[str, Any], task: Task, names: Sequence[str],
                 prepared: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
         """Set up ``names`` for ``task`` on this actor (from ``prepared``'s state where there is one)."""
-        todo = [m for m in self.methods if m.name in names and (task.id, m.name) not in state["ready"]]
+        todo = [m for m in state["methods"] if m.name in names and (task.id, m.name) not in state["ready"]]
         states = prepare_methods(state["model"], task, todo, self.decoding, self.by_task[task.id], prepared)
         state["ready"].update((task.id, m.name) for m in todo)
         return states
@@ -143,14 +144,14 @@ class EvaluationJob(ModelJob):
             task = tasks[task_id]
             mine = [(key, payload) for key, payload in items if key[0] == task_id]
             names = sorted({n for _, (_, pending, _) in mine for n in pending})
-            self.prepare(state, task, names, mine[0][1][2])
+            self.prepare(state, task, names, {name: {task_id: st} for name, st in mine[0][1][2].items()})
             if task_id not in state["suffixes"]:
                 state["suffixes"][task_id] = task.compile(model)
             suffixes = state["suffixes"][task_id]
-            done = {(task_id, m.name, prompt) for _, (prompt, pending, _) in mine for m in self.methods
+            done = {(task_id, m.name, prompt) for _, (prompt, pending, _) in mine for m in state["methods"]
                     if m.name not in pending}
             chunk = [(key[1], prompt) for key, (prompt, _, _) in mine]
-            for record in respond_and_judge(model, task, self.methods, chunk, self.decoding, suffixes, done):
+            for record in respond_and_judge(model, task, state["methods"], chunk, self.decoding, suffixes, done):
                 out[(task_id, record["prompt_index"])].append(record)
         return list(out.items())
 
@@ -179,8 +180,8 @@ def evaluate_on_ray(load: dict[str, Any], tasks: Sequence[Task | str] | str, met
     job = EvaluationJob(load, tasks=task_objs, methods=method_objs, decoding=decoding, by_task=by_task)
     with folder_lock(out), connect(ray.address), WorkerPool(job, ray.workers, device=load.get("device")) as pool:
         fingerprint, config = pool.call(lambda state: (
-            run_fingerprint(state["model"], task_objs, job.methods, by_task, decoding),
-            evaluation_config(state["model"], task_objs, job.methods, by_task, decoding, out, prompts=prompts,
+            run_fingerprint(state["model"], task_objs, state["methods"], by_task, decoding),
+            evaluation_config(state["model"], task_objs, state["methods"], by_task, decoding, out, prompts=prompts,
                               limit=limit, prompt_style=prompt_style, prefix=prefix)))
         records = open_evaluation(out, fingerprint, config, restart=restart)
         done = {_record_key(r) for r in records}
