@@ -42,6 +42,7 @@ from ..selfcontrol.search import (
     config_dict,
     resolve_config,
     self_control,
+    self_control_many,
 )
 from ..selfcontrol.tasks import Task, get_task
 from ..store import atomic_write_json, fingerprint_hash, model_fingerprint
@@ -258,6 +259,38 @@ def cached_self_control(
     record.prompt = user_text(model, prompt)
     _write(record, folder)
     return record
+
+
+def cached_self_control_many(
+    model: HookedChatModel,
+    prompts: Sequence[str | Sequence[int]],
+    task: Task | str,
+    config: SelfControlConfig | None = None,
+    *,
+    root: str | Path | None = None,
+    refresh: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[CachedResult]:
+    """:func:`cached_self_control` of several prompts: the cached ones are read, the others searched together.
+
+    The missing prompts go through :func:`~workbench.selfcontrol.search.self_control_many`
+    (``batch_size`` prompts at once), whose results mean the same as one search per prompt.
+    """
+    cfg = resolve_config(config, **overrides)
+    task = get_task(task)
+    records: list[CachedResult | None] = [None if refresh else lookup(model, p, task, cfg, root=root) for p in prompts]
+    missing = [i for i, r in enumerate(records) if r is None]
+    if missing:
+        results = self_control_many(model, [prompts[i] for i in missing], task, cfg, batch_size=batch_size,
+                                    progress=progress)
+        for i, result in zip(missing, results, strict=True):
+            key = cache_key(model, result.prompt_ids, task, cfg)
+            stats["computed"] += 1
+            records[i] = _record(result, key, cfg)
+            _write(records[i], cache_root(root) / key)
+    return [r for r in records if r is not None]
 
 
 def clear_cache(root: str | Path | None = None) -> int:

@@ -266,11 +266,9 @@ class RepeAddition(Method):
             raise InputError(f"task {task.id!r} has no train prompts outside the evaluated ones to choose the repe coefficient on")
         suffixes = task.compile(model)
         per_coef: dict[float, dict[str, list]] = {c: {"score": [], "nll": [], "degenerate": []} for c in self.coefficients}
-        # One batch for every (prompt, coefficient): the vector is the same at every position, so a control
-        # as wide as the longest prompt also covers the left padding, which attention masks out anyway.
+        # One batch for every (prompt, coefficient): each row's control covers its own prompt (per-row controls).
         prompt_ids = [model.chat_ids(p) for p in pool]
-        width = max(len(ids) for ids in prompt_ids)
-        controls = [vector.as_control(model, width, c, layers) for _ in pool for c in self.coefficients]
+        controls = [vector.as_control(model, len(ids), c, layers).bind(ids) for ids in prompt_ids for c in self.coefficients]
         rows = [ids for ids in prompt_ids for _ in self.coefficients]
         with Control.stack(controls).applied(model):
             gen = model.generate(rows, **decoding.kwargs())
