@@ -31,7 +31,8 @@ def test_without_ray_nothing_imports_it(tmp_path):
 
 
 def test_bad_ray_settings_are_refused_with_one_error_line(tmp_path, capsys):
-    for flags, word in ((["--ray-workers", "0"], "--ray-workers"), (["--ray-chunk", "0"], "--ray-chunk")):
+    for flags, word in ((["--ray-workers", "0"], "--ray-workers"), (["--ray-chunk", "0"], "--ray-chunk"),
+                        (["--ray-gpus-per-worker", "0"], "--ray-gpus-per-worker")):
         rc = main(["synthesize", "--model", "tiny-random", "--task", "angry2peaceful", "--out", str(tmp_path),
                    "--ray", *flags])
         err = capsys.readouterr().err

@@ -115,6 +115,8 @@ def ray_options(parser: argparse.ArgumentParser) -> None:
                        help="number of Ray workers (default: one per GPU; without GPUs one per 4 CPUs)")
     group.add_argument("--ray-chunk", type=int, default=2,
                        help="most prompts a worker takes at a time (small: better balance; default 2)")
+    group.add_argument("--ray-gpus-per-worker", type=int, default=1,
+                       help="GPUs each worker reserves (a model larger than one GPU: with --device-map auto; default 1)")
 
 
 def ray_settings(args: argparse.Namespace):
@@ -125,9 +127,12 @@ def ray_settings(args: argparse.Namespace):
         raise InputError(f"--ray-workers must be at least 1, got {args.ray_workers}")
     if args.ray_chunk < 1:
         raise InputError(f"--ray-chunk must be at least 1, got {args.ray_chunk}")
+    if args.ray_gpus_per_worker < 1:
+        raise InputError(f"--ray-gpus-per-worker must be at least 1, got {args.ray_gpus_per_worker}")
     from ..distributed.jobs import RaySettings
 
-    return RaySettings(address=None if args.ray == "local" else args.ray, workers=args.ray_workers, chunk_size=args.ray_chunk)
+    return RaySettings(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                       chunk_size=args.ray_chunk, gpus_per_worker=args.ray_gpus_per_worker)
 
 
 def build_parser() -> argparse.ArgumentParser:

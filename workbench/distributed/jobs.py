@@ -59,11 +59,13 @@ class ModelJob:
 @dataclass
 class RaySettings:
     """Where and how wide a run goes: ``address`` (``None``: a local cluster, ``"auto"``: the running one),
-    ``workers`` (``None``: one per GPU, or one per 4 CPUs), ``chunk_size`` (the most prompts a worker takes at once)."""
+    ``workers`` (``None``: one per GPU, or one per 4 CPUs), ``chunk_size`` (the most prompts a worker takes at once),
+    ``gpus_per_worker`` (more than one: a model larger than one GPU, loaded with a device map)."""
 
     address: str | None = None
     workers: int | None = None
     chunk_size: int = 2
+    gpus_per_worker: int = 1
     stats: RunStats = field(default_factory=RunStats)
 
 
@@ -95,7 +97,8 @@ def synthesize_on_ray(load: dict[str, Any], task: Task | str, prompts_or_split: 
     cfg = replace(config or SelfControlConfig(), progress=False)
     data_dir = Path(out_dir)
     with folder_lock(data_dir), connect(ray.address), \
-            WorkerPool(SynthesisJob(load, task, cfg), ray.workers, device=load.get("device")) as pool:
+            WorkerPool(SynthesisJob(load, task, cfg), ray.workers, device=load.get("device"),
+                       gpus_per_worker=ray.gpus_per_worker) as pool:
         fingerprint, manifest = pool.call(lambda model: (synthesis_fingerprint(model, task, split, prompts, cfg),
                                                          synthesis_manifest(model, task, cfg, split)))
         todo = open_synthesis(data_dir, fingerprint, manifest, prompts, restart=restart)
@@ -178,7 +181,8 @@ def evaluate_on_ray(load: dict[str, Any], tasks: Sequence[Task | str] | str, met
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     job = EvaluationJob(load, tasks=task_objs, methods=method_objs, decoding=decoding, by_task=by_task)
-    with folder_lock(out), connect(ray.address), WorkerPool(job, ray.workers, device=load.get("device")) as pool:
+    with folder_lock(out), connect(ray.address), \
+            WorkerPool(job, ray.workers, device=load.get("device"), gpus_per_worker=ray.gpus_per_worker) as pool:
         fingerprint, config = pool.call(lambda state: (
             run_fingerprint(state["model"], task_objs, state["methods"], by_task, decoding),
             evaluation_config(state["model"], task_objs, state["methods"], by_task, decoding, out, prompts=prompts,

@@ -146,28 +146,31 @@ class WorkerPool:
     """``workers`` Ray actors running ``job``; ``None``: one per GPU, or on a cluster without GPUs one per 4 CPUs.
 
     ``device``: the device the job's model loads on (``None`` = CUDA when the
-    cluster has GPUs); each actor then reserves one GPU (Ray sets
-    ``CUDA_VISIBLE_DEVICES``, so ``cuda`` in the actor is its own GPU), or its
-    share of the CPUs (``torch`` uses that many threads). ``max_replacements``:
+    cluster has GPUs); each actor then reserves ``gpus_per_worker`` GPUs (Ray
+    sets ``CUDA_VISIBLE_DEVICES``, so ``cuda`` in the actor is its own GPU, and
+    a device map spreads a large model over its GPUs only), or its share of
+    the CPUs (``torch`` uses that many threads). ``max_replacements``:
     how many dead actors may be replaced in all (default: one per worker).
     Use as a context manager, inside :func:`connect`.
     """
 
-    def __init__(self, job: Job, workers: int | None = None, *, device: str | None = None,
+    def __init__(self, job: Job, workers: int | None = None, *, device: str | None = None, gpus_per_worker: int = 1,
                  max_replacements: int | None = None, max_attempts: int = 3) -> None:
         resources = ray.cluster_resources()
         cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
         self.gpu = _uses_gpu(device, gpus)
+        if gpus_per_worker < 1:
+            raise DistributedError(f"gpus_per_worker must be at least 1, got {gpus_per_worker}")
         if workers is None:
-            workers = int(gpus) if self.gpu else max(1, int(cpus // 4))
+            workers = int(gpus // gpus_per_worker) if self.gpu else max(1, int(cpus // 4))
         if workers < 1:
             raise DistributedError(f"a pool needs at least one worker, got {workers}")
-        if self.gpu and workers > gpus:
-            raise DistributedError(f"{workers} workers need one GPU each; the cluster has {gpus:g}")
+        if self.gpu and workers * gpus_per_worker > gpus:
+            raise DistributedError(f"{workers} workers need {gpus_per_worker} GPU(s) each; the cluster has {gpus:g}")
         if not self.gpu and workers > cpus:
             raise DistributedError(f"{workers} workers need a CPU each; the cluster has {cpus:g}")
         self.threads = None if self.gpu else max(1, int(cpus // workers))
-        options = {"num_gpus": 1, "num_cpus": 1} if self.gpu else {"num_cpus": self.threads, "num_gpus": 0}
+        options = {"num_gpus": gpus_per_worker, "num_cpus": 1} if self.gpu else {"num_cpus": self.threads, "num_gpus": 0}
         self._actor = ray.remote(_Worker).options(max_restarts=0, max_task_retries=0, **options)
         self.job = job
         self.max_attempts = max_attempts
@@ -195,8 +198,9 @@ class WorkerPool:
             raise DistributedError(f"Ray cannot place the workers ({err}); ask for fewer workers") from err
 
     def pids(self) -> dict[int, int]:
-        """Process id of each live worker (slot -> pid), e.g. to watch or kill one."""
-        return {slot: info["pid"] for slot, info in self.info.items() if slot in self.workers}
+        """Process id of each live worker (slot -> pid), e.g. to watch or kill one (waits for new workers' setup)."""
+        self.info.update(self._ready([slot for slot in self.workers if slot not in self.info]))
+        return {slot: self.info[slot]["pid"] for slot in self.workers}
 
     def _lost(self, slot: int, err: BaseException) -> None:
         """Drop a dead worker and start a replacement if allowed; no workers at all is an error."""
