@@ -37,3 +37,6 @@ def test_bad_ray_settings_are_refused_with_one_error_line(tmp_path, capsys):
                    "--ray", *flags])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith("error:") and word in err
+    rc = main(["evaluate", "--config", str(tmp_path / "config.json"), "--ray"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error:") and "--ray" in err
