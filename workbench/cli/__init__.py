@@ -64,6 +64,25 @@ def number_list(text: str) -> list[float]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def batch_prompts_option(parser: argparse.ArgumentParser) -> None:
+    """``--batch-prompts N``: prompts SelfControl searches at once (commands that search many prompts)."""
+    parser.add_argument("--batch-prompts", type=positive_int, default=None, metavar="N",
+                        help="prompts searched together in one batch (default: from free GPU memory on CUDA, "
+                             "8 on CPU, the measured best); results do not depend on it. With --ray each worker searches "
+                             "its chunk (--ray-chunk) as one batch")
+
+
 def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=None, help="hub id, local folder or 'tiny-random' (default: embedded SmolLM2-135M-Instruct)")

@@ -7,7 +7,16 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from . import command, layer_list, load, load_args, number_list, ray_options, ray_settings
+from . import (
+    batch_prompts_option,
+    command,
+    layer_list,
+    load,
+    load_args,
+    number_list,
+    ray_options,
+    ray_settings,
+)
 from .control import add_search_options, search_config
 
 
@@ -47,6 +56,7 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
                         help="discard the results already in --out and start over (a rerun with other settings is "
                              "refused without it)")
     add_search_options(parser)  # selfcontrol's knobs; --max-new-tokens, --seed and --sample apply to every method
+    batch_prompts_option(parser)
     ray_options(parser)
 
 
@@ -74,11 +84,12 @@ def evaluate_command(args: argparse.Namespace) -> int:
                 "layers": args.repe_layers if isinstance(args.repe_layers, list) else None}
         tasks = _tasks(args.tasks)
         # bad tasks, methods or prompts fail here, before the model loads
-        build_methods(args.methods, prefix=args.prefix, selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style)
+        build_methods(args.methods, prefix=args.prefix, selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style,
+                      batch_prompts=args.batch_prompts)
         resolve_prompts([get_task(t) for t in tasks], args.prompts, args.limit)
         settings = dict(prefix=args.prefix, max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.sample,
                         limit=args.limit, selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style,
-                        restart=args.restart, progress=not args.json)
+                        batch_prompts=args.batch_prompts, restart=args.restart, progress=not args.json)
         if ray is not None:
             from ..distributed.jobs import evaluate_on_ray
 

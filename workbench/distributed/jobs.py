@@ -164,7 +164,8 @@ def evaluate_on_ray(load: dict[str, Any], tasks: Sequence[Task | str] | str, met
                     prefix: str | Path | None = None, max_new_tokens: int = 40, seed: int = 0,
                     do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
                     limit: int | None = None, selfcontrol: Any = None, repe: dict[str, Any] | None = None,
-                    prompt_style: str = "user", restart: bool = False, ray: RaySettings | None = None,
+                    prompt_style: str = "user", batch_prompts: int | None = None, restart: bool = False,
+                    ray: RaySettings | None = None,
                     progress: bool = True) -> Evaluation:
     """:func:`workbench.evaluation.runner.evaluate` with the prompts sharded over Ray workers (same folder, same records).
 
@@ -176,7 +177,7 @@ def evaluate_on_ray(load: dict[str, Any], tasks: Sequence[Task | str] | str, met
     task_objs, method_objs, decoding, by_task = evaluation_inputs(
         tasks, methods, prompts, prefix=prefix, max_new_tokens=max_new_tokens, seed=seed, do_sample=do_sample,
         temperature=temperature, top_p=top_p, limit=limit, selfcontrol=selfcontrol, repe=repe,
-        prompt_style=prompt_style)
+        prompt_style=prompt_style, batch_prompts=batch_prompts)
     ray = ray or RaySettings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

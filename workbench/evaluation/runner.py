@@ -235,6 +235,7 @@ def evaluate(
     selfcontrol: Any = None,
     repe: dict[str, Any] | None = None,
     prompt_style: str = "user",
+    batch_prompts: int | None = None,
     restart: bool = False,
     progress: bool = True,
 ) -> Evaluation:
@@ -244,7 +245,8 @@ def evaluate(
     task) or an object task id -> list, or the same as a Python list/dict.
     ``selfcontrol``: a :class:`~workbench.selfcontrol.search.SelfControlConfig` or dict of its
     fields; ``repe``: keyword arguments of :class:`~workbench.evaluation.methods.RepeAddition`.
-    Decoding (``max_new_tokens``, ``seed``, sampling) is shared by all methods.
+    Decoding (``max_new_tokens``, ``seed``, sampling) is shared by all methods. ``batch_prompts``: prompts
+    SelfControl searches together (default: the model's ``default_batch_prompts``; results do not depend on it).
     A rerun into the same ``out_dir`` with the same settings resumes (and may add tasks or methods); one with
     other settings raises :class:`~workbench.errors.ResumeMismatchError` unless ``restart``, which discards the
     folder's results first. A second process writing the same folder is refused while the first is alive.
@@ -252,7 +254,7 @@ def evaluate(
     tasks, method_objs, decoding, by_task = evaluation_inputs(
         tasks, methods, prompts, prefix=prefix, max_new_tokens=max_new_tokens, seed=seed, do_sample=do_sample,
         temperature=temperature, top_p=top_p, limit=limit, selfcontrol=selfcontrol, repe=repe,
-        prompt_style=prompt_style)
+        prompt_style=prompt_style, batch_prompts=batch_prompts)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with folder_lock(out):
@@ -274,14 +276,16 @@ def evaluation_inputs(tasks: Sequence[Task | str] | str, methods: Sequence[str |
                       prefix: str | Path | None = None, max_new_tokens: int = 40, seed: int = 0,
                       do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
                       limit: int | None = None, selfcontrol: Any = None, repe: dict[str, Any] | None = None,
-                      prompt_style: str = "user") -> tuple[list[Task], list[Method], Decoding, dict[str, list[str]]]:
+                      prompt_style: str = "user", batch_prompts: int | None = None,
+                      ) -> tuple[list[Task], list[Method], Decoding, dict[str, list[str]]]:
     """Tasks, method objects, decoding and prompts per task, checked (bad input fails here, before any model work)."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = [get_task(t) for t in tasks]
     if not tasks or len({t.id for t in tasks}) != len(tasks):
         raise InputError(f"tasks must be distinct and non-empty, got {[t.id for t in tasks]}")
-    method_objs = build_methods(methods, prefix=prefix, selfcontrol=selfcontrol, repe=repe, prompt_style=prompt_style)
+    method_objs = build_methods(methods, prefix=prefix, selfcontrol=selfcontrol, repe=repe, prompt_style=prompt_style,
+                                batch_prompts=batch_prompts)
     decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed)
     return tasks, method_objs, decoding, resolve_prompts(tasks, prompts, limit)
 
@@ -358,9 +362,11 @@ def respond_and_judge(model: HookedChatModel, task: Task, method_objs: Sequence[
             }
 
 
-def chunk_size(method_objs: Sequence[Method]) -> int:
-    """Prompts per chunk: the largest ``prompts_per_call`` of the methods."""
-    return max(m.prompts_per_call for m in method_objs)
+def chunk_size(method_objs: Sequence[Method], model: HookedChatModel) -> int:
+    """Prompts per chunk: the largest ``prompts_per_call`` of the methods (``None``: the model's default batch)."""
+    from ..selfcontrol.search import default_batch_prompts
+
+    return max(m.prompts_per_call or default_batch_prompts(model) for m in method_objs)
 
 
 def _run(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Method], by_task: dict[str, list[str]],
@@ -374,7 +380,7 @@ def _run(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Me
     prepared = read_prepared(out)
     todo = [(t, p, m) for t in tasks for p in by_task[t.id] for m in method_objs if (t.id, m.name, p) not in done]
     bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, unit="response")
-    size = chunk_size(method_objs)
+    size = chunk_size(method_objs, model)
     for task in tasks:
         pending = [(p, m) for (t, p, m) in todo if t is task]
         if not pending:

@@ -43,7 +43,8 @@ from ..selfcontrol.search import (
     SelfControlConfig,
     SelfControlResult,
     config_dict,
-    self_control,
+    default_batch_prompts,
+    self_control_many,
 )
 from ..selfcontrol.tasks import Task, get_task
 from ..store import (
@@ -112,13 +113,14 @@ def read_index(data_dir: str | Path, *, repair: bool = False) -> list[dict[str, 
 
 
 def search_prompts(model: HookedChatModel, prompts: Sequence[str], task: Task,
-                   config: SelfControlConfig) -> list[SelfControlResult]:
-    """SelfControl on each prompt: the one place synthesis and evaluation run per-prompt searches.
+                   config: SelfControlConfig, batch_size: int | None = None) -> list[SelfControlResult]:
+    """SelfControl on each prompt: the one place synthesis and evaluation run their searches.
 
-    Why one function over a list: a batched search (``self_control_many``) or
-    a sharded one (Ray) replaces this body and both callers follow.
+    Batched across prompts (:func:`~workbench.selfcontrol.search.self_control_many`,
+    ``batch_size`` at once, default :func:`~workbench.selfcontrol.search.default_batch_prompts`);
+    a sharded run (Ray) calls this on each worker's chunk.
     """
-    return [self_control(model, prompt, task, config) for prompt in prompts]
+    return self_control_many(model, list(prompts), task, config, batch_size=batch_size, progress=False)
 
 
 # ---- records -----------------------------------------------------------------------
@@ -204,7 +206,7 @@ def synthesize(
     limit: int | None = None,
     config: SelfControlConfig | None = None,
     restart: bool = False,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Run SelfControl on each prompt and append one record per prompt to ``out_dir`` (resumable).
@@ -213,14 +215,17 @@ def synthesize(
     prompt texts; ``limit`` keeps the first N. A rerun skips finished prompts;
     one with other settings, another split or other prompts is refused
     (:class:`~workbench.errors.ResumeMismatchError`) unless ``restart``, which
-    discards the folder's data first. ``batch_size``: prompts per call of
-    :func:`search_prompts` (records are committed after each call).
+    discards the folder's data first. ``batch_size``: prompts searched together, per call of
+    :func:`search_prompts` (default :func:`~workbench.selfcontrol.search.default_batch_prompts`;
+    records are committed after each call; results do not depend on it).
     Returns ``out_dir``.
     """
     task = get_task(task)
     split, prompts = synthesis_prompts(task, prompts_or_split, limit)
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
+    if batch_size is None:
+        batch_size = default_batch_prompts(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     cfg = replace(config or SelfControlConfig(), progress=False)
     data_dir = Path(out_dir)
     with folder_lock(data_dir):
@@ -294,7 +299,7 @@ def compute_records(model: HookedChatModel, task: Task, chunk: Sequence[tuple[in
         return []
     state_hooks = model.hook_names(None, STATE_POINT)
     start = time.perf_counter()
-    results = search_prompts(model, [p for _, _, p in chunk], task, cfg)
+    results = search_prompts(model, [p for _, _, p in chunk], task, cfg, batch_size=len(chunk))
     seconds = (time.perf_counter() - start) / len(chunk)
     out = []
     for (i, key, prompt), result in zip(chunk, results, strict=True):
