@@ -12,7 +12,12 @@ from .model.chat_model import HookedChatModel
 from .model.generation import Generation, generate
 from .model.loading import EMBEDDED_ID, load_model, workbench_home
 from .selfcontrol.control import Control
-from .selfcontrol.search import SelfControlConfig, SelfControlResult, self_control, self_control_many
+from .selfcontrol.search import (
+    SelfControlConfig,
+    SelfControlResult,
+    self_control,
+    self_control_many,
+)
 from .selfcontrol.suffix import SuffixGradients, score_responses, suffix_gradients, suffix_score
 from .selfcontrol.tasks import ContrastPair, Task, get_task, list_tasks
 
