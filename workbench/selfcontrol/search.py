@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 from ..errors import InputError, NumericalError
 from .control import Control
 from .fluency import is_degenerate
+from .steps import StepGeometry, check_geometry, dtype_steps
 from .suffix import DEFAULT_TEMPERATURE, Loss, StepMode, score_responses, suffix_gradients
-from .tasks import CompiledSuffix, Task, get_task
+from .tasks import CompiledSuffix, Task, check_question, get_task, with_question
 
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
@@ -44,6 +45,7 @@ class SelfControlConfig:
     step_scale: float = 2.0
     n_steps: int = 4
     step_mode: StepMode = "relative"
+    step_geometry: StepGeometry = "position"  # which residual norm a relative step is a fraction of (steps.py)
     threshold: float = 0.0
     branches: int = 1
     max_new_tokens: int = 40
@@ -57,6 +59,7 @@ class SelfControlConfig:
     point: str = "hook_resid_post"
     layers: tuple[int, ...] | None = None
     paraphrases: bool = False
+    question: str | None = None  # None: the task's own; "auto": the wording judge-check --select saved; or a text
     score_temperature: float = DEFAULT_TEMPERATURE
     fluency_guard: bool = True
     fluency_margin: float = 0.5
@@ -78,6 +81,8 @@ class SelfControlConfig:
                 f"initial_step must be negative, got {self.initial_step}: each step is h + eta * grad(loss), so "
                 "eta > 0 climbs the loss (an uphill search, away from the target answer); use e.g. -0.001"
             )
+        check_geometry(self.step_geometry)
+        check_question(self.question)
         if number("step_scale") <= 0:
             raise InputError(f"step_scale must be > 0 (it multiplies the step, keeping its sign), got {self.step_scale}")
         for name, low in (("iterations", 0), ("n_steps", 1), ("branches", 1), ("max_new_tokens", 1)):
@@ -267,8 +272,8 @@ def self_control(
 ) -> SelfControlResult:
     """Steer one prompt's answer toward ``task``'s target by suffix gradients (SelfControl)."""
     cfg = resolve_config(config, **overrides)
-    steps = cfg.steps()
-    task = get_task(task)
+    steps = dtype_steps(cfg.steps(), model.dtype, cfg.step_mode)
+    task = with_question(get_task(task), model.model_id, cfg.question)
     start = time.perf_counter()
     prompt_ids = model.chat_ids(prompt) if isinstance(prompt, str) else list(prompt)
     prompt_text = prompt if isinstance(prompt, str) else model.decode(prompt_ids)
@@ -286,7 +291,7 @@ def self_control(
         grads = suffix_gradients(model, prompt_ids, best["ids"], suffixes, control=best["control"], loss=cfg.loss,
                                  point=cfg.point, layers=cfg.layers, clip=cfg.clip, top_k=cfg.grad_top_k,
                                  temperature=cfg.score_temperature)
-        controls = [best["control"] + grads.step(eta, cfg.step_mode) for eta in steps]
+        controls = [best["control"] + grads.step(eta, cfg.step_mode, cfg.step_geometry) for eta in steps]
         for c in controls:
             if not all(torch.isfinite(d).all() for d in c.deltas.values()):
                 raise NumericalError("a candidate control is NaN/inf; use smaller steps")

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import InputError, NumericalError
 from .control import Control
+from .steps import StepGeometry, gradient_step
 from .tasks import CompiledSuffix, Task, get_task
 
 if TYPE_CHECKING:
@@ -190,24 +191,15 @@ class SuffixGradients:
     def norms(self) -> Float[Tensor, "layer pos"]:
         return torch.stack([g.norm(dim=-1) for g in self.grads.values()])
 
-    def step(self, eta: float, mode: StepMode = "relative") -> Control:
+    def step(self, eta: float, mode: StepMode = "relative", geometry: StepGeometry = "position") -> Control:
         """The update ``eta * g`` as a control (sign convention: h <- h + eta * grad(loss)).
 
         ``absolute``: the (clipped) gradient times eta, as in the authors' code.
-        ``relative``: each position's gradient scaled to unit norm times ``eta`` times that
-        position's residual norm, so ``eta=-0.01`` moves each position by 1% of its norm
-        downhill whatever the model's scale.
+        ``relative``: each position's gradient scaled to unit norm times ``eta`` times a
+        residual norm, so ``eta=-0.01`` moves a position by 1% of that norm downhill whatever
+        the model's scale; ``geometry`` says which norm (:mod:`workbench.selfcontrol.steps`).
         """
-        if mode == "absolute":
-            return Control({n: eta * g for n, g in self.grads.items()}, self.model_id)
-        if mode != "relative":
-            raise InputError(f"step mode must be 'relative' or 'absolute', not {mode!r}")
-        out = {}
-        for i, (name, g) in enumerate(self.grads.items()):
-            norm = g.norm(dim=-1, keepdim=True)
-            unit = torch.where(norm > 0, g / norm.clamp_min(1e-30), torch.zeros_like(g))
-            out[name] = eta * unit * self.resid_norms[i][:, None].to(g.dtype)
-        return Control(out, self.model_id)
+        return Control(gradient_step(self.grads, self.resid_norms, eta, mode, geometry), self.model_id)
 
 
 def suffix_gradients(
