@@ -180,3 +180,22 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def dtype_check(model_name: str = "tiny-random", etas: Sequence[float] = (-0.001, -0.002, -0.004, -(2.0**-7), -0.016)) -> dict[float, float]:
+    """Issue 11.5's measure in bfloat16: cosine of the applied with the intended delta per relative step (one layer).
+
+        python -c "from analyses.step_geometry import dtype_check; print(dtype_check())"
+    """
+    import torch
+
+    import workbench as wb
+    from workbench.selfcontrol.steps import applied_cosine
+    from workbench.selfcontrol.suffix import suffix_gradients
+    from workbench.selfcontrol.tasks import Task
+
+    model = wb.load_model(model_name, dtype=torch.bfloat16, progress=False)
+    prompt = model.chat_ids("Tell me what you think of rude drivers.")
+    grads = suffix_gradients(model, prompt, model.encode("They annoy me a lot."), Task(question="Was your answer calm?"),
+                             layers=[1], clip=None)
+    return {eta: round(applied_cosine(model, grads.step(eta, "relative"), prompt, model.hook_name(1)), 3) for eta in etas}

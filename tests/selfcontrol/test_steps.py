@@ -158,15 +158,8 @@ def test_dtype_floor_moves_the_ladder_and_warns_once(monkeypatch):
 def _applied_cosine(model, eta: float) -> float:
     """Cosine between the delta a relative step asks for and the change it makes to the bf16 residual."""
     prompt = model.chat_ids("Tell me what you think of rude drivers.")
-    name = model.hook_name(1)
     grads = suffix_gradients(model, prompt, model.encode("They annoy me a lot."), TASK, layers=[1], clip=None)
-    control = grads.step(eta, "relative")
-    ids = model.as_tensor(prompt)
-    clean = model.capture(ids, [name])[name][0].float()
-    with control.applied(model):
-        moved = model.capture(ids, [name])[name][0].float()
-    want = control.deltas[name].float()
-    return float(torch.nn.functional.cosine_similarity((moved - clean).flatten(), want.flatten(), dim=0))
+    return steps.applied_cosine(model, grads.step(eta, "relative"), prompt, model.hook_name(1))
 
 
 def test_bf16_step_at_the_floor_survives_the_addition(monkeypatch):

@@ -39,13 +39,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..model.chat_model import HookedChatModel
+    from .control import Control
 
 StepGeometry = Literal["position", "layer-median", "sink-median", "sink-off"]
 GEOMETRIES: tuple[str, ...] = get_args(StepGeometry)
@@ -168,3 +172,18 @@ def dtype_steps(steps: Sequence[float], dtype: torch.dtype, mode: str = "relativ
         )
     factor = floor / smallest
     return [s * factor for s in steps]
+
+
+@torch.no_grad()
+def applied_cosine(model: HookedChatModel, control: Control, prompt_ids: Sequence[int], hook_name: str) -> float:
+    """Cosine between the delta ``control`` asks for at ``hook_name`` and the change it makes to the residual there.
+
+    Below the dtype's resolution the addition rounds away and the cosine drops (1.0 means the delta survived).
+    Read with no control upstream of ``hook_name`` (e.g. a control on that one hook), so the change is the addition's.
+    """
+    ids = model.as_tensor(list(prompt_ids))
+    clean = model.capture(ids, [hook_name])[hook_name][0].float()
+    with control.applied(model):
+        moved = model.capture(ids, [hook_name])[hook_name][0].float()
+    want = control.deltas[hook_name].float().to(moved.device)
+    return float(torch.nn.functional.cosine_similarity((moved - clean).flatten(), want.flatten(), dim=0))
