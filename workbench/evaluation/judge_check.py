@@ -27,6 +27,7 @@ from .. import plotting
 from ..errors import InputError
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import CompiledSuffix, Task, Wording, get_task, list_tasks, wording_path
+from ..store import atomic_write, atomic_write_json
 from .judges import roc_auc
 
 if TYPE_CHECKING:
@@ -343,31 +344,7 @@ def save_wording(selection: WordingSelection, task: Task, root: str | Path | Non
     record = {"format": SELECTION_FORMAT, "model_id": selection.model_id, "task": task.judge_dict(),
               "question": selection.wording.question, "answer_prefix": selection.wording.answer_prefix,
               "selection": selection.to_dict()}
-    return _write_json(path, record)
-
-
-def _write_json(path: Path, obj: Any) -> Path:
-    """``store.atomic_write_json`` once the shared writer exists; until then the same steps here."""
-    from .. import store
-
-    shared = getattr(store, "atomic_write_json", None)
-    if shared is not None:
-        return shared(path, obj)
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_json(path, record)
 
 
 @dataclass
@@ -400,8 +377,8 @@ class WordingSelections:
         """Write ``wording_selection.json`` and ``wording_selection.md`` into ``out_dir``."""
         out = Path(out_dir)
         paths = {"json": out / "wording_selection.json", "markdown": out / "wording_selection.md"}
-        _write_json(paths["json"], self.to_dict())
-        paths["markdown"].write_text(f"Judge wording selection on `{self.model_id}`\n\n{self.table()}\n")
+        atomic_write_json(paths["json"], self.to_dict())
+        atomic_write(paths["markdown"], f"Judge wording selection on `{self.model_id}`\n\n{self.table()}\n")
         return paths
 
 
