@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     for (task, prompt, job_cfg), record in zip(jobs, records, strict=True):
         key = tuple(record.prompt_ids)
         if key not in sink_cache:
-            sink_cache[key] = prompt_sinks(model, record.prompt_ids, record.hook_names)
+            sink_cache[key] = prompt_sinks(model, record.prompt_ids, record.hook_names, job_cfg.sink_ratio)
         sinks = sink_cache[key]
         if key == tuple(records[0].prompt_ids):  # the first prompt's controls, for the control-norm panel
             examples[job_cfg.step_geometry] = record.control

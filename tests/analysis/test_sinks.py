@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from workbench import plotting
@@ -45,3 +46,12 @@ def test_norm_pattern_gradient_split_on_and_off_the_sink():
     fig = p.plot()
     labels = [line.get_label() for line in fig.axes[0].get_lines()]
     assert "sink position(s)" in fig.axes[0].get_legend().get_texts()[-1].get_text() or "sink position(s)" in labels
+
+
+@pytest.mark.embedded
+def test_smollm2_first_token_is_a_sink_from_the_middle_layers_on(embedded):
+    """SmolLM2-135M: the first template token's residual norm is ~25,000 (16-172x the median) at layers 11-28."""
+    ids = embedded.chat_ids("Tell me what you think of rude drivers who cut you off.")
+    sinks = prompt_sinks(embedded, ids, embedded.hook_names())
+    assert sinks[11:29, 0].all() and not sinks[:, 1:].any()
+    assert not sinks[:11].any() and not sinks[29:].any()

@@ -11,6 +11,7 @@ from workbench.selfcontrol.control import Control
 from workbench.selfcontrol.search import SelfControlConfig, config_dict, self_control
 from workbench.selfcontrol.steps import (
     GEOMETRIES,
+    SINK_RATIO,
     dtype_steps,
     gradient_step,
     sink_energy_share,
@@ -52,6 +53,9 @@ def test_planted_high_norm_position_is_detected_at_every_layer(tiny):
     mask[:, SINK] = False
     assert not mask.any()  # and nothing else is flagged
     assert not sink_mask(grads.resid_norms, ratio=1e6).any()
+    # the ratio reaches the step through the search's knob
+    high = grads.step(-0.01, "relative", "sink-off", sink_ratio=1e6)
+    assert high.norms()[:-1, SINK].min() > 0 and grads.step(-0.01, "relative", "sink-off").norms()[:, SINK].max() == 0
     with pytest.raises(InputError, match="> 1"):
         sink_mask(grads.resid_norms, ratio=1.0)
 
@@ -126,6 +130,11 @@ def test_config_knob_is_validated_fingerprinted_and_on_the_cli():
     add_search_options(parser)
     action = next(a for a in parser._actions if a.dest == "step_geometry")
     assert tuple(action.choices) == GEOMETRIES and action.default == SelfControlConfig().step_geometry
+    ratio = next(a for a in parser._actions if a.dest == "sink_ratio")
+    assert ratio.default == SelfControlConfig().sink_ratio == SINK_RATIO
+    assert config_dict(SelfControlConfig(sink_ratio=20.0))["sink_ratio"] == 20.0
+    with pytest.raises(InputError, match="sink_ratio"):
+        SelfControlConfig(sink_ratio=1.0)
 
 
 def test_without_sinks_the_sink_rules_are_the_position_rule_in_a_search(tiny):

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..errors import InputError, NumericalError
 from .control import Control
 from .fluency import is_degenerate
-from .steps import StepGeometry, check_geometry, dtype_steps
+from .steps import SINK_RATIO, StepGeometry, check_geometry, dtype_steps
 from .suffix import DEFAULT_TEMPERATURE, Loss, StepMode, score_responses, suffix_gradients
 from .tasks import CompiledSuffix, Task, check_question, get_task, with_question
 
@@ -46,6 +46,7 @@ class SelfControlConfig:
     n_steps: int = 4
     step_mode: StepMode = "relative"
     step_geometry: StepGeometry = "position"  # which residual norm a relative step is a fraction of (steps.py)
+    sink_ratio: float = SINK_RATIO  # a position whose residual norm exceeds this x the layer median is a sink
     threshold: float = 0.0
     branches: int = 1
     max_new_tokens: int = 40
@@ -82,6 +83,8 @@ class SelfControlConfig:
                 "eta > 0 climbs the loss (an uphill search, away from the target answer); use e.g. -0.001"
             )
         check_geometry(self.step_geometry)
+        if number("sink_ratio") <= 1:
+            raise InputError(f"sink_ratio must be > 1 (a multiple of the layer's median residual norm), got {self.sink_ratio}")
         check_question(self.question)
         if number("step_scale") <= 0:
             raise InputError(f"step_scale must be > 0 (it multiplies the step, keeping its sign), got {self.step_scale}")
@@ -291,7 +294,7 @@ def self_control(
         grads = suffix_gradients(model, prompt_ids, best["ids"], suffixes, control=best["control"], loss=cfg.loss,
                                  point=cfg.point, layers=cfg.layers, clip=cfg.clip, top_k=cfg.grad_top_k,
                                  temperature=cfg.score_temperature)
-        controls = [best["control"] + grads.step(eta, cfg.step_mode, cfg.step_geometry) for eta in steps]
+        controls = [best["control"] + grads.step(eta, cfg.step_mode, cfg.step_geometry, cfg.sink_ratio) for eta in steps]
         for c in controls:
             if not all(torch.isfinite(d).all() for d in c.deltas.values()):
                 raise NumericalError("a candidate control is NaN/inf; use smaller steps")

@@ -18,12 +18,15 @@ the position's unit gradient. Which norm is the step geometry:
 
 Massive-activation rule (detected per model, layer and prompt, from the
 residual norms the gradient pass measured): a position is a *sink* at a
-layer when its residual norm exceeds :data:`SINK_RATIO` times the median
-norm over the prompt's positions at that layer. On SmolLM2-135M the first
-token reaches 17-170x the median at layers 11-29 while every other position
-stays below 1.4x, so the factor 10 separates them with a wide margin; a model
-without massive activations has no sinks and all four geometries with a
-sink rule reduce to their base rule.
+layer when its residual norm exceeds ``sink_ratio`` (default
+:data:`SINK_RATIO` = 12) times the median norm over the prompt's positions at
+that layer. Measured on SmolLM2-135M over 15 emotion test prompts: the first
+token is 15.9-172x the median at layers 11-28, 8-9x at layer 29 and
+5-10.3x at layers 1-8 (an ordinary first-token elevation); every other
+position stays below 8.6x. 12 separates the massive activations from the
+rest on both sides; 10 would sit on the first token's layer-2 value. A model
+without massive activations has no sinks, and the two sink rules then equal
+``position``.
 
 Steps and the dtype (issue 11, point 5): adding a delta smaller than half a
 unit in the last place of a residual element to that element leaves it
@@ -53,7 +56,7 @@ if TYPE_CHECKING:
 
 StepGeometry = Literal["position", "layer-median", "sink-median", "sink-off"]
 GEOMETRIES: tuple[str, ...] = get_args(StepGeometry)
-SINK_RATIO = 10.0
+SINK_RATIO = 12.0
 """A position whose residual norm exceeds this many times the layer's median is a massive-activation sink."""
 
 _warned: set[str] = set()

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..errors import InputError, NumericalError
 from .control import Control
-from .steps import StepGeometry, gradient_step
+from .steps import SINK_RATIO, StepGeometry, gradient_step
 from .tasks import CompiledSuffix, Task, get_task
 
 if TYPE_CHECKING:
@@ -191,15 +191,18 @@ class SuffixGradients:
     def norms(self) -> Float[Tensor, "layer pos"]:
         return torch.stack([g.norm(dim=-1) for g in self.grads.values()])
 
-    def step(self, eta: float, mode: StepMode = "relative", geometry: StepGeometry = "position") -> Control:
+    def step(
+        self, eta: float, mode: StepMode = "relative", geometry: StepGeometry = "position", sink_ratio: float = SINK_RATIO
+    ) -> Control:
         """The update ``eta * g`` as a control (sign convention: h <- h + eta * grad(loss)).
 
         ``absolute``: the (clipped) gradient times eta, as in the authors' code.
         ``relative``: each position's gradient scaled to unit norm times ``eta`` times a
         residual norm, so ``eta=-0.01`` moves a position by 1% of that norm downhill whatever
-        the model's scale; ``geometry`` says which norm (:mod:`workbench.selfcontrol.steps`).
+        the model's scale; ``geometry`` says which norm and ``sink_ratio`` which positions are
+        massive-activation sinks (:mod:`workbench.selfcontrol.steps`).
         """
-        return Control(gradient_step(self.grads, self.resid_norms, eta, mode, geometry), self.model_id)
+        return Control(gradient_step(self.grads, self.resid_norms, eta, mode, geometry, sink_ratio), self.model_id)
 
 
 def suffix_gradients(
