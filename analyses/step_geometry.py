@@ -75,7 +75,8 @@ def summarise(rows: list[dict[str, Any]], geometries: Sequence[str]) -> dict[str
             "degenerate": int(sum(r["degenerate"] for r in mine)),
             "accepted": float(np.mean([r["accepted"] for r in mine])),
             "seconds": float(np.mean([r["seconds"] for r in mine])),
-            "sink_share": float(np.mean([r["sink_share"] for r in mine])),
+            # over the runs that found a control (a run that accepted nothing has no energy to share)
+            "sink_share": float(np.mean([r["sink_share"] for r in mine if r["accepted"]] or [float("nan")])),
             "improved": int(sum(r["gain"] > 0 for r in mine)),
         }
         paired = [r["gain"] - base[(r["task"], r["prompt"])]["gain"] for r in mine if (r["task"], r["prompt"]) in base]
@@ -94,7 +95,7 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         return "" if any(v != v for v in (low, high)) else f" [{low:+.4f}, {high:+.4f}]"
 
     lines = ["| geometry | runs | gain [95% CI] | Δ gain vs position [95% CI] (wins/losses) | prompts improved | "
-             "mean NLL | perplexity | distinct-2 | degenerate | accepted iterations | s / prompt | energy on sink |",
+             "mean NLL | perplexity | distinct-2 | degenerate | accepted iterations | s / prompt | energy on sink (runs with a control) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g, s in summary.items():
         delta = (f"{s['delta_vs_position']:+.4f}{ci(s['delta_ci'])} ({s['wins']}/{s['losses']})"
@@ -119,10 +120,10 @@ def plot(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]], example
     ax.set_xlabel("step geometry")
     ax.set_ylabel("suffix-score gain (each run; mean, 95% CI)")
     ax = axes[0, 1]
-    ax.bar(range(len(names)), [summary[g]["sink_share"] for g in names], color="tab:purple")
+    ax.bar(range(len(names)), [np.nan_to_num(summary[g]["sink_share"]) for g in names], color="tab:purple")
     ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
     ax.set_xlabel("step geometry")
-    ax.set_ylabel("share of control energy on the sink")
+    ax.set_ylabel("control energy on the sink (runs with a control)")
     ax.set_ylim(0, 1)
     ax = axes[0, 2]
     for g, control in examples.items():
@@ -155,8 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         if key not in sink_cache:
             sink_cache[key] = prompt_sinks(model, record.prompt_ids, record.hook_names, job_cfg.sink_ratio)
         sinks = sink_cache[key]
-        if key == tuple(records[0].prompt_ids):  # the first prompt's controls, for the control-norm panel
-            examples[job_cfg.step_geometry] = record.control
+        examples.setdefault(key, {})[job_cfg.step_geometry] = (record.control, sinks, sum(s is not None for s in record.accepted_steps))
         rows.append({
             "task": task, "prompt": prompt, "geometry": job_cfg.step_geometry,
             "initial_score": record.initial_score, "score": record.score, "gain": record.gain,
@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> None:
     md = table(summary)
     (out / "step_geometry.md").write_text(md + "\n")
     print(md, flush=True)
-    plotting.save(plot(rows, summary, examples, sink_cache[tuple(records[0].prompt_ids)], model.model_id), out / "step_geometry.png")
+    # the control-norm panel shows the first prompt on which every geometry found a control (else the first prompt)
+    shown = next((e for e in examples.values() if all(a for _, _, a in e.values())), next(iter(examples.values())))
+    plotting.save(plot(rows, summary, {g: c for g, (c, _, _) in shown.items()}, next(iter(shown.values()))[1],
+                       model.model_id), out / "step_geometry.png")
     study.finish("step_geometry", {"tasks": tasks, "judge_check": checks, "n_prompts": args.n_prompts,
                                    "summary": summary, "rows": rows}, figure="step_geometry.png")
 
