@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lint bench figures evaluation clean-cache
+.PHONY: demo test install lint bench figures evaluation step-geometry clean-cache
 
 install: $(STAMP)
 
@@ -54,3 +54,8 @@ evaluation: $(STAMP)
 	$(PY) -m workbench evaluate --tasks emotion --methods none,prompt,repe,selfcontrol,prefix --prompts test \
 	  --prefix $(CONTROLLERS) --out results/evaluation_full
 	cp results/evaluation_full/summary.png docs/figures/evaluation.png
+
+# README step-geometry study and judge-wording selection (about 2 hours on a shared 2-core machine; searches are cached).
+step-geometry: $(STAMP)
+	$(PY) -m analyses.step_geometry --n-prompts 2 --sink-ratio 10 --docs-figure docs/figures/step_geometry.png
+	$(PY) -m workbench judge-check --select --task emotion --out results/wording_selection

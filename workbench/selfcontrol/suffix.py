@@ -25,6 +25,7 @@ from torch import Tensor
 from ..errors import InputError, NumericalError
 from ..model.layout import ForwardLayout, PromptRef
 from .control import Control
+from .steps import SINK_RATIO, StepGeometry, gradient_step
 from .tasks import CompiledSuffix, Task, get_task
 
 if TYPE_CHECKING:
@@ -256,24 +257,19 @@ class SuffixGradients:
     def norms(self) -> Float[Tensor, "layer pos"]:
         return torch.stack([g.norm(dim=-1) for g in self.grads.values()])
 
-    def step(self, eta: float, mode: StepMode = "relative") -> Control:
+    def step(
+        self, eta: float, mode: StepMode = "relative", geometry: StepGeometry = "position", sink_ratio: float = SINK_RATIO
+    ) -> Control:
         """The update ``eta * g`` as a control (sign convention: h <- h + eta * grad(loss)).
 
         ``absolute``: the (clipped) gradient times eta, as in the authors' code.
-        ``relative``: each position's gradient scaled to unit norm times ``eta`` times that
-        position's residual norm, so ``eta=-0.01`` moves each position by 1% of its norm
-        downhill whatever the model's scale.
+        ``relative``: each position's gradient scaled to unit norm times ``eta`` times a
+        residual norm, so ``eta=-0.01`` moves a position by 1% of that norm downhill whatever
+        the model's scale; ``geometry`` says which norm and ``sink_ratio`` which positions are
+        massive-activation sinks (:mod:`workbench.selfcontrol.steps`).
         """
-        if mode == "absolute":
-            return Control({n: eta * g for n, g in self.grads.items()}, self.model_id, prompts=self._prompts())
-        if mode != "relative":
-            raise InputError(f"step mode must be 'relative' or 'absolute', not {mode!r}")
-        out = {}
-        for i, (name, g) in enumerate(self.grads.items()):
-            norm = g.norm(dim=-1, keepdim=True)
-            unit = torch.where(norm > 0, g / norm.clamp_min(1e-30), torch.zeros_like(g))
-            out[name] = eta * unit * self.resid_norms[i][:, None].to(g.dtype)
-        return Control(out, self.model_id, prompts=self._prompts())
+        return Control(gradient_step(self.grads, self.resid_norms, eta, mode, geometry, sink_ratio), self.model_id,
+                       prompts=self._prompts())
 
     def _prompts(self) -> list[PromptRef]:
         return [self.prompt or PromptRef(self.prompt_len)]
