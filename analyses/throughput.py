@@ -35,15 +35,16 @@ from workbench.selfcontrol.tasks import get_task
 TASK = "angry2peaceful"
 
 
-def _plain_seconds(model: wb.HookedChatModel, ids: list[int], tokens: int, repeats: int = 3) -> float:
-    """Median time of one plain greedy generation of exactly ``tokens`` new tokens."""
+def _plain_seconds(model: wb.HookedChatModel, ids: list[int], tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """Median wall and CPU time of one plain greedy generation of exactly ``tokens`` new tokens."""
     model.generate([ids], max_new_tokens=tokens, stop_at_eos=False)  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         model.generate([ids], max_new_tokens=tokens, stop_at_eos=False)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def _sync(model: wb.HookedChatModel) -> None:
@@ -53,18 +54,18 @@ def _sync(model: wb.HookedChatModel) -> None:
 
 def measure(model: wb.HookedChatModel, prompts: Sequence[str], config: SelfControlConfig, batch: int) -> dict[str, Any]:
     """Sequential vs batched search of ``prompts`` on ``model``, and the figures the README table reports."""
-    plain = _plain_seconds(model, model.chat_ids(prompts[0]), config.max_new_tokens)
+    plain, plain_cpu = _plain_seconds(model, model.chat_ids(prompts[0]), config.max_new_tokens)
     load_before = os.getloadavg()[0]
     _sync(model)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     sequential = [self_control(model, p, TASK, config) for p in prompts]
     _sync(model)
-    seq_seconds = time.perf_counter() - start
+    seq_seconds, seq_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     search.TIMINGS.update(gradient=0.0, generation=0.0, scoring=0.0)
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     batched = self_control_many(model, prompts, TASK, config, batch_size=batch)
     _sync(model)
-    batch_seconds = time.perf_counter() - start
+    batch_seconds, batch_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     split = dict(search.TIMINGS)
     counts = [compare_searches(s, b) for s, b in zip(sequential, batched, strict=True)]
     compared = sum(c["compared"] for c in counts)
@@ -85,6 +86,11 @@ def measure(model: wb.HookedChatModel, prompts: Sequence[str], config: SelfContr
         "iterations_compared": compared,
         "gain_sequential": round(statistics.fmean(r.gain for r in sequential), 5),
         "gain_batched": round(statistics.fmean(r.gain for r in batched), 5),
+        # CPU time of this process: on a shared machine it moves less with the other processes' load than wall time
+        "cpu_ratio": round(seq_cpu / max(batch_cpu, 1e-9), 3),
+        "cpu_amortized_plain_generations": round(batch_cpu / n / max(plain_cpu, 1e-9), 3),
+        "cpu_sequential_amortized_plain_generations": round(seq_cpu / n / max(plain_cpu, 1e-9), 3),
+        "threads": torch.get_num_threads(),
         "batched_time_split": {k: round(v / max(batch_seconds, 1e-9), 3) for k, v in split.items()},
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
@@ -122,8 +128,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"batched {r['amortized_plain_generations']:.2f}")
             print(f"  mean gain: sequential {r['gain_sequential']:+.4f}, batched {r['gain_batched']:+.4f}; same step "
                   f"{r['same_step_fraction']:.0%} of {r['iterations_compared']} iterations (near-ties {r['tie_fraction']:.0%})")
+            print(f"  in CPU time: ratio {r['cpu_ratio']:.2f}x, loop cost sequential "
+                  f"{r['cpu_sequential_amortized_plain_generations']:.2f}, batched {r['cpu_amortized_plain_generations']:.2f}")
             print(f"  batched time: {', '.join(f'{k} {v:.0%}' for k, v in r['batched_time_split'].items())}; "
-                  f"load average {r['load_average_1min']}")
+                  f"load average {r['load_average_1min']}, {r['threads']} threads")
     return out
 
 

@@ -143,6 +143,18 @@ def test_selfcontrol_method_matches_the_search_and_uses_shared_decoding(tiny):
     assert "max_new_tokens" not in SelfControlMethod(SC).settings()
 
 
+def test_selfcontrol_method_searches_its_prompts_together_with_the_same_answers(tiny):
+    prompts = TASK.split("test")[:3]
+    method = SelfControlMethod(SC, batch_prompts=3)
+    assert method.prompts_per_call == 3 and SelfControlMethod(SC).prompts_per_call is None
+    together = method.respond_many(tiny, TASK, prompts, DEC)
+    alone = [SelfControlMethod(SC, batch_prompts=1).respond(tiny, TASK, p, DEC) for p in prompts]
+    assert [r.response_ids for r in together] == [r.response_ids for r in alone]
+    assert [r.info["search_score"] for r in together] == pytest.approx([r.info["search_score"] for r in alone], abs=1e-4)
+    with pytest.raises(InputError, match="batch_prompts"):
+        SelfControlMethod(SC, batch_prompts=0)
+
+
 def _controller(tiny, folder, task_id=None):
     c = PrefixController.init(tiny, n_tokens=2)
     c.embeddings = c.embeddings + 0.5

@@ -157,3 +157,18 @@ def test_synthesis_survives_sigkill(tiny, tmp_path):
         assert (out / "records" / key / "tensors.safetensors").stat().st_mtime_ns == stamp
     assert not list((out / "records").glob(".tmp-*"))
     _all_files_load(out)
+
+
+def test_synthesis_records_do_not_depend_on_the_batch_of_prompts(tiny, tmp_path):
+    """Batched searches (several prompts at once) write the records one-at-a-time searches write."""
+    cfg = SelfControlConfig(iterations=2, n_steps=2, max_new_tokens=4, progress=False)
+    one = read_index(synthesize(tiny, "angry2peaceful", "train", tmp_path / "one", limit=3, config=cfg,
+                                batch_size=1, progress=False))
+    three = read_index(synthesize(tiny, "angry2peaceful", "train", tmp_path / "three", limit=3, config=cfg,
+                                  batch_size=3, progress=False))
+    for a, b in zip(one, three, strict=True):
+        assert (a["key"], a["response"], a["original_response"]) == (b["key"], b["response"], b["original_response"])
+        assert a["iterations_accepted"] == b["iterations_accepted"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+    with pytest.raises(InputError, match="batch_size"):
+        synthesize(tiny, "angry2peaceful", "train", tmp_path / "zero", limit=1, config=cfg, batch_size=0)

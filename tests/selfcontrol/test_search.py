@@ -114,7 +114,7 @@ def test_a_repeated_layer_is_refused_by_the_search(tiny):
         self_control(tiny, "Hi", CASES[0][0], layers=(1, 1), **TINY)
 
 
-MANY = ["What is love?", "Hi", "Tell me a long story about the sea and the ships on it, please.", "Why?"]
+MANY = ["What is love?", "Hi", "Tell me a long story about the sea and the ships on it, please."]
 
 
 def _same_steps(single, many):
@@ -126,10 +126,11 @@ def _same_steps(single, many):
 
 
 def test_many_prompts_accept_the_same_steps_as_one_at_a_time(tiny_any):
-    """Batched across prompts of different lengths: the same accepted steps, answers and scores as one prompt at a time."""
+    """Batched across prompts of different lengths (batch 2 of 3: the third joins mid-run): the same accepted steps,
+    answers and scores as one prompt at a time."""
     task = CASES[0][0]
     single = [self_control(tiny_any, p, task, **TINY) for p in MANY]
-    many = self_control_many(tiny_any, MANY, task, batch_size=3, **TINY)
+    many = self_control_many(tiny_any, MANY, task, batch_size=2, **TINY)
     counts = _same_steps(single, many)
     assert sum(c["tie"] for c in counts) == 0  # no near-ties on these prompts: the equality below is exact
     assert sum(r.iterations_accepted for r in many) >= 2
@@ -146,7 +147,7 @@ def test_many_prompts_accept_the_same_steps_as_one_at_a_time(tiny_any):
 
 def test_many_prompts_are_deterministic_whatever_the_batch_size_including_sampling(tiny):
     task = CASES[1][0]
-    runs = [self_control_many(tiny, MANY, task, batch_size=b, do_sample=True, seed=5, **TINY) for b in (1, 2, 4)]
+    runs = [self_control_many(tiny, MANY, task, batch_size=b, do_sample=True, seed=5, **TINY) for b in (1, 3)]
     for other in runs[1:]:
         assert [_trajectory(r) for r in other] == [_trajectory(r) for r in runs[0]]
     assert self_control(tiny, MANY[2], task, do_sample=True, seed=5, **TINY).response_ids == runs[0][2].response_ids
@@ -156,19 +157,19 @@ def test_out_of_memory_halves_the_batch_and_continues(tiny, monkeypatch):
     from workbench.selfcontrol import search
 
     task = CASES[0][0]
-    expected = self_control_many(tiny, MANY, task, batch_size=4, **TINY)
+    expected = self_control_many(tiny, MANY, task, batch_size=3, **TINY)
     real, sizes = search._round_unguarded, []
 
     def flaky(model, cfg, steps, suffixes, names, active):
         sizes.append(len(active))
-        if len(active) > 2:  # the device "runs out" until the batch is small enough
+        if len(active) > 1:  # the device "runs out" until the batch is small enough
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         return real(model, cfg, steps, suffixes, names, active)
 
     monkeypatch.setattr(search, "_round_unguarded", flaky)
-    with pytest.warns(UserWarning, match="continuing with 2"):
-        got = self_control_many(tiny, MANY, task, batch_size=4, **TINY)
-    assert sizes[0] == 4 and max(sizes[1:]) == 2
+    with pytest.warns(UserWarning, match="continuing with 1"):
+        got = self_control_many(tiny, MANY, task, batch_size=3, **TINY)
+    assert sizes[0] == 3 and max(sizes[1:]) == 1
     assert [_trajectory(r) for r in got] == [_trajectory(r) for r in expected]
     monkeypatch.setattr(search, "_round_unguarded", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
     with pytest.raises(torch.cuda.OutOfMemoryError):  # a batch of one that does not fit is the user's to see
@@ -194,3 +195,9 @@ def test_embedded_many_prompts_accept_the_same_steps(embedded):
     print("same/tie per prompt:", counts)
     for s, m in zip(single, many, strict=True):
         assert m.gain == pytest.approx(s.gain, abs=2e-3) or any(c["tie"] for c in counts)
+
+
+def test_default_batch_on_cpu_is_the_measured_best(tiny):
+    from workbench.selfcontrol.search import CPU_BATCH_PROMPTS, default_batch_prompts
+
+    assert tiny.device.type == "cpu" and default_batch_prompts(tiny) == CPU_BATCH_PROMPTS >= 1

@@ -97,8 +97,9 @@ class Method:
 
     name: ClassVar[str] = ""
 
-    #: Prompts handed to :meth:`respond_many` at once by the runner (a record is committed per call).
-    prompts_per_call: ClassVar[int] = 1
+    #: Prompts handed to :meth:`respond_many` at once by the runner (a record is committed per call);
+    #: ``None``: the model's :func:`~workbench.selfcontrol.search.default_batch_prompts`.
+    prompts_per_call: int | None = 1
 
     def settings(self) -> dict[str, Any]:
         """JSON-able settings, recorded in the run's config."""
@@ -306,7 +307,13 @@ class SelfControlMethod(Method):
 
     name = "selfcontrol"
 
-    def __init__(self, config: SelfControlConfig | dict[str, Any] | None = None) -> None:
+    def __init__(self, config: SelfControlConfig | dict[str, Any] | None = None,
+                 batch_prompts: int | None = None) -> None:
+        if batch_prompts is not None and (isinstance(batch_prompts, bool) or not isinstance(batch_prompts, int)
+                                          or batch_prompts < 1):
+            raise InputError(f"selfcontrol: batch_prompts must be an integer >= 1, got {batch_prompts!r}")
+        #: prompts searched together (None: default_batch_prompts of the model); results do not depend on it
+        self.prompts_per_call = batch_prompts
         if isinstance(config, dict):
             try:
                 config = resolve_config(None, **config)
@@ -330,7 +337,7 @@ class SelfControlMethod(Method):
 
         cfg = resolve_config(self.config, **decoding.kwargs(), progress=False)
         start = time.perf_counter()
-        results = search_prompts(model, prompts, task, cfg)
+        results = search_prompts(model, prompts, task, cfg, batch_size=len(prompts))
         seconds = (time.perf_counter() - start) / max(1, len(prompts))
         return [MethodResponse(r.prompt_ids, list(r.response_ids), seconds, {
             "initial_score": r.initial_score, "search_score": r.score, "gain": r.gain,
@@ -393,6 +400,7 @@ def build_methods(
     selfcontrol: SelfControlConfig | dict[str, Any] | None = None,
     repe: dict[str, Any] | None = None,
     prompt_style: str = "user",
+    batch_prompts: int | None = None,
 ) -> list[Method]:
     """Method objects from names (``"none,prompt"`` or a list); :class:`Method` instances pass through."""
     if isinstance(names, str):
@@ -408,7 +416,7 @@ def build_methods(
         elif name == "repe":
             out.append(RepeAddition(**(repe or {})))
         elif name == "selfcontrol":
-            out.append(SelfControlMethod(selfcontrol))
+            out.append(SelfControlMethod(selfcontrol, batch_prompts))
         elif name == "prefix":
             if prefix is None:
                 raise InputError("method 'prefix' needs a trained controller: pass prefix=FOLDER (--prefix DIR)")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import json
 import math
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -235,6 +235,7 @@ def evaluate(
     selfcontrol: Any = None,
     repe: dict[str, Any] | None = None,
     prompt_style: str = "user",
+    batch_prompts: int | None = None,
     restart: bool = False,
     progress: bool = True,
 ) -> Evaluation:
@@ -244,23 +245,56 @@ def evaluate(
     task) or an object task id -> list, or the same as a Python list/dict.
     ``selfcontrol``: a :class:`~workbench.selfcontrol.search.SelfControlConfig` or dict of its
     fields; ``repe``: keyword arguments of :class:`~workbench.evaluation.methods.RepeAddition`.
-    Decoding (``max_new_tokens``, ``seed``, sampling) is shared by all methods.
+    Decoding (``max_new_tokens``, ``seed``, sampling) is shared by all methods. ``batch_prompts``: prompts
+    SelfControl searches together (default: the model's ``default_batch_prompts``; results do not depend on it).
     A rerun into the same ``out_dir`` with the same settings resumes (and may add tasks or methods); one with
     other settings raises :class:`~workbench.errors.ResumeMismatchError` unless ``restart``, which discards the
     folder's results first. A second process writing the same folder is refused while the first is alive.
     """
+    tasks, method_objs, decoding, by_task = evaluation_inputs(
+        tasks, methods, prompts, prefix=prefix, max_new_tokens=max_new_tokens, seed=seed, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, limit=limit, selfcontrol=selfcontrol, repe=repe,
+        prompt_style=prompt_style, batch_prompts=batch_prompts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        records = open_evaluation(
+            out, run_fingerprint(model, tasks, method_objs, by_task, decoding),
+            evaluation_config(model, tasks, method_objs, by_task, decoding, out, prompts=prompts, limit=limit,
+                              prompt_style=prompt_style, prefix=prefix), restart=restart)
+        records = _run(model, tasks, method_objs, by_task, decoding, out, records, progress)
+        summary = write_summary(out)
+    wanted = {(t.id, m.name, p) for t in tasks for m in method_objs for p in by_task[t.id]}
+    return Evaluation(out, [r for r in records if _key(r) in wanted], summary)
+
+
+# ---- the pieces of a run: inputs, open the folder, prepare, respond and judge, commit ------
+# Split so that a sharded run (workbench.distributed) answers on workers and writes on the
+# driver with the very same functions.
+def evaluation_inputs(tasks: Sequence[Task | str] | str, methods: Sequence[str | Method] | str,
+                      prompts: str | Path | Sequence[str] | Mapping[str, Sequence[str]], *,
+                      prefix: str | Path | None = None, max_new_tokens: int = 40, seed: int = 0,
+                      do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+                      limit: int | None = None, selfcontrol: Any = None, repe: dict[str, Any] | None = None,
+                      prompt_style: str = "user", batch_prompts: int | None = None,
+                      ) -> tuple[list[Task], list[Method], Decoding, dict[str, list[str]]]:
+    """Tasks, method objects, decoding and prompts per task, checked (bad input fails here, before any model work)."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = [get_task(t) for t in tasks]
     if not tasks or len({t.id for t in tasks}) != len(tasks):
         raise InputError(f"tasks must be distinct and non-empty, got {[t.id for t in tasks]}")
-    method_objs = build_methods(methods, prefix=prefix, selfcontrol=selfcontrol, repe=repe, prompt_style=prompt_style)
+    method_objs = build_methods(methods, prefix=prefix, selfcontrol=selfcontrol, repe=repe, prompt_style=prompt_style,
+                                batch_prompts=batch_prompts)
     decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed)
-    by_task = resolve_prompts(tasks, prompts, limit)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return tasks, method_objs, decoding, resolve_prompts(tasks, prompts, limit)
 
-    config = {
+
+def evaluation_config(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Method],
+                      by_task: Mapping[str, list[str]], decoding: Decoding, out: Path, *,
+                      prompts: Any, limit: int | None, prompt_style: str, prefix: str | Path | None) -> dict[str, Any]:
+    """``config.json``: everything needed to rerun the evaluation."""
+    return {
         "command": f"python -m workbench evaluate --config {out / CONFIG}",
         "model_id": model.model_id,
         "model": {"load": model.model_id, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")},
@@ -269,73 +303,105 @@ def evaluate(
         "method_settings": {m.name: m.settings() for m in method_objs},
         "prompts_spec": str(prompts) if isinstance(prompts, str | Path) else "inline",
         "limit": limit,
-        "prompts": by_task,
+        "prompts": dict(by_task),
         "decoding": asdict(decoding),
         "prompt_style": prompt_style,
         "prefix": str(prefix) if prefix is not None else None,
         "versions": _versions(),
     }
-    with folder_lock(out):
-        check_fingerprint(out, run_fingerprint(model, tasks, method_objs, by_task, decoding), restart=restart,
-                          extendable=EXTENDABLE, outputs=OUTPUTS)
-        atomic_write_json(out / CONFIG, _merged_config(out / CONFIG, config))
-        records = _run(model, tasks, method_objs, by_task, decoding, out, progress)
-        summary = write_summary(out)
-    wanted = {(t.id, m.name, p) for t in tasks for m in method_objs for p in by_task[t.id]}
-    return Evaluation(out, [r for r in records if _key(r) in wanted], summary)
+
+
+def open_evaluation(out: Path, fingerprint: dict[str, Any], config: dict[str, Any], *,
+                    restart: bool = False) -> list[dict[str, Any]]:
+    """Check the run's settings, write its config, and return the results already there (the caller holds the lock)."""
+    check_fingerprint(out, fingerprint, restart=restart, extendable=EXTENDABLE, outputs=OUTPUTS)
+    atomic_write_json(out / CONFIG, _merged_config(out / CONFIG, config))
+    return read_jsonl(out / RESULTS)
+
+
+def read_prepared(out: Path) -> dict[str, dict[str, Any]]:
+    """``prepared.json``: per method and task, the setup state an earlier run chose (reused as is)."""
+    return json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
+
+
+def prepare_methods(model: HookedChatModel, task: Task, method_objs: Sequence[Method], decoding: Decoding,
+                    held_out: Sequence[str], prepared: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each method's setup for ``task`` (from ``prepared``'s state where there is one); the states to save, by method."""
+    states = {}
+    for method in method_objs:
+        old_state = prepared.get(method.name, {}).get(task.id)
+        state = method.prepare(model, task, decoding, held_out=held_out, state=old_state)
+        if state:
+            states[method.name] = state
+    return states
+
+
+def respond_and_judge(model: HookedChatModel, task: Task, method_objs: Sequence[Method],
+                      chunk: Sequence[tuple[int, str]], decoding: Decoding, suffixes: Any,
+                      done: Container[tuple[str, str, str]] = ()) -> Iterator[dict[str, Any]]:
+    """The judged record of every (method, prompt) of ``chunk`` not in ``done``, as each method's call returns.
+
+    ``chunk``: ``(index, prompt)`` pairs of ``task``; each method answers all of
+    its pending prompts in one call (a batched search answers them together).
+    No file access: the caller commits each record.
+    """
+    plain: dict[str, list[int]] = {}
+    for method in method_objs:
+        mine = [(i, p) for i, p in chunk if (task.id, method.name, p) not in done]
+        if not mine:
+            continue
+        responses = run_isolated_many(model, method, task, [p for _, p in mine], decoding)
+        for (index, prompt), response in zip(mine, responses, strict=True):
+            plain_ids = plain.setdefault(prompt, model.chat_ids(prompt))
+            yield {
+                "task": task.id, "method": method.name, "prompt_index": index, "prompt": prompt,
+                "response": model.decode(response.response_ids), "response_ids": response.response_ids,
+                "seconds": round(response.seconds, 4),
+                **judge_response(model, task, plain_ids, response.response_ids, suffixes),
+                "info": response.info,
+            }
+
+
+def chunk_size(method_objs: Sequence[Method], model: HookedChatModel) -> int:
+    """Prompts per chunk: the largest ``prompts_per_call`` of the methods (``None``: the model's default batch)."""
+    from ..selfcontrol.search import default_batch_prompts
+
+    return max(m.prompts_per_call or default_batch_prompts(model) for m in method_objs)
 
 
 def _run(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Method], by_task: dict[str, list[str]],
-         decoding: Decoding, out: Path, progress: bool) -> list[dict[str, Any]]:
+         decoding: Decoding, out: Path, records: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
     """Every missing (task, method, prompt) response, judged and appended to the results (the caller holds the lock).
 
-    Prompts go in chunks of the largest ``prompts_per_call`` of the methods;
-    within a chunk each method answers all of its pending prompts in one call
-    (a batched search answers them together), and each record is committed as
-    soon as its call returns.
+    Prompts go in chunks of :func:`chunk_size`; each record is committed as
+    soon as its method's call returns.
     """
-    records = read_jsonl(out / RESULTS)
     done = {_key(r) for r in records}
-    prepared: dict[str, dict[str, Any]] = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
+    prepared = read_prepared(out)
     todo = [(t, p, m) for t in tasks for p in by_task[t.id] for m in method_objs if (t.id, m.name, p) not in done]
     bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, unit="response")
-    chunk_size = max(m.prompts_per_call for m in method_objs)
+    size = chunk_size(method_objs, model)
     for task in tasks:
         pending = [(p, m) for (t, p, m) in todo if t is task]
         if not pending:
             continue
         suffixes = task.compile(model)
-        for method in method_objs:
-            if any(m is method for _, m in pending):
-                bar.set_postfix_str(f"{task.id}: preparing {method.name}")
-                old_state = prepared.get(method.name, {}).get(task.id)
-                state = method.prepare(model, task, decoding, held_out=by_task[task.id], state=old_state)
-                if state:
-                    prepared.setdefault(method.name, {})[task.id] = state
-                    atomic_write_json(out / PREPARED, prepared)
-        prompts = by_task[task.id]
-        for first in range(0, len(prompts), chunk_size):
-            chunk = list(enumerate(prompts))[first:first + chunk_size]
-            plain: dict[str, list[int]] = {}
-            for method in method_objs:
-                mine = [(i, p) for i, p in chunk if (task.id, method.name, p) not in done]
-                if not mine:
-                    continue
-                bar.set_postfix_str(f"{task.id} #{mine[0][0]} {method.name}")
-                responses = run_isolated_many(model, method, task, [p for _, p in mine], decoding)
-                for (index, prompt), response in zip(mine, responses, strict=True):
-                    plain_ids = plain.setdefault(prompt, model.chat_ids(prompt))
-                    record = {
-                        "task": task.id, "method": method.name, "prompt_index": index, "prompt": prompt,
-                        "response": model.decode(response.response_ids), "response_ids": response.response_ids,
-                        "seconds": round(response.seconds, 4),
-                        **judge_response(model, task, plain_ids, response.response_ids, suffixes),
-                        "info": response.info,
-                    }
-                    append_jsonl(out / RESULTS, record)
-                    records.append(record)
-                    done.add(_key(record))
-                    bar.update(1)
+        bar.set_postfix_str(f"{task.id}: preparing")
+        busy = [m for m in method_objs if any(pm is m for _, pm in pending)]
+        states = prepare_methods(model, task, busy, decoding, by_task[task.id], prepared)
+        if states:
+            for name, state in states.items():
+                prepared.setdefault(name, {})[task.id] = state
+            atomic_write_json(out / PREPARED, prepared)
+        prompts = list(enumerate(by_task[task.id]))
+        for first in range(0, len(prompts), size):
+            bar.set_postfix_str(f"{task.id} #{first}")
+            for record in respond_and_judge(model, task, method_objs, prompts[first:first + size], decoding,
+                                            suffixes, done):
+                append_jsonl(out / RESULTS, record)
+                records.append(record)
+                done.add(_key(record))
+                bar.update(1)
     bar.close()
     return records
 

@@ -43,7 +43,8 @@ from ..selfcontrol.search import (
     SelfControlConfig,
     SelfControlResult,
     config_dict,
-    self_control,
+    default_batch_prompts,
+    self_control_many,
 )
 from ..selfcontrol.tasks import Task, get_task
 from ..store import (
@@ -112,13 +113,14 @@ def read_index(data_dir: str | Path, *, repair: bool = False) -> list[dict[str, 
 
 
 def search_prompts(model: HookedChatModel, prompts: Sequence[str], task: Task,
-                   config: SelfControlConfig) -> list[SelfControlResult]:
-    """SelfControl on each prompt: the one place synthesis and evaluation run per-prompt searches.
+                   config: SelfControlConfig, batch_size: int | None = None) -> list[SelfControlResult]:
+    """SelfControl on each prompt: the one place synthesis and evaluation run their searches.
 
-    Why one function over a list: a batched search (``self_control_many``) or
-    a sharded one (Ray) replaces this body and both callers follow.
+    Batched across prompts (:func:`~workbench.selfcontrol.search.self_control_many`,
+    ``batch_size`` at once, default :func:`~workbench.selfcontrol.search.default_batch_prompts`);
+    a sharded run (Ray) calls this on each worker's chunk.
     """
-    return [self_control(model, prompt, task, config) for prompt in prompts]
+    return self_control_many(model, list(prompts), task, config, batch_size=batch_size, progress=False)
 
 
 # ---- records -----------------------------------------------------------------------
@@ -204,7 +206,7 @@ def synthesize(
     limit: int | None = None,
     config: SelfControlConfig | None = None,
     restart: bool = False,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Run SelfControl on each prompt and append one record per prompt to ``out_dir`` (resumable).
@@ -213,11 +215,38 @@ def synthesize(
     prompt texts; ``limit`` keeps the first N. A rerun skips finished prompts;
     one with other settings, another split or other prompts is refused
     (:class:`~workbench.errors.ResumeMismatchError`) unless ``restart``, which
-    discards the folder's data first. ``batch_size``: prompts per call of
-    :func:`search_prompts` (records are committed after each call).
+    discards the folder's data first. ``batch_size``: prompts searched together, per call of
+    :func:`search_prompts` (default :func:`~workbench.selfcontrol.search.default_batch_prompts`;
+    records are committed after each call; results do not depend on it).
     Returns ``out_dir``.
     """
     task = get_task(task)
+    split, prompts = synthesis_prompts(task, prompts_or_split, limit)
+    if batch_size is None:
+        batch_size = default_batch_prompts(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    cfg = replace(config or SelfControlConfig(), progress=False)
+    data_dir = Path(out_dir)
+    with folder_lock(data_dir):
+        todo = open_synthesis(data_dir, synthesis_fingerprint(model, task, split, prompts, cfg),
+                              synthesis_manifest(model, task, cfg, split), prompts, restart=restart)
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"synthesize [{task.id}]",
+                   disable=not progress, unit="prompt")
+        for first in range(0, len(todo), batch_size):
+            for record in compute_records(model, task, todo[first:first + batch_size], cfg):
+                commit_record(data_dir, record)
+                bar.update(1)
+                bar.set_postfix(gain=f"{record.entry['gain']:+.4f}")
+        bar.close()
+    return data_dir
+
+
+# ---- the three pieces of a run: open the folder, compute records, commit them -------------
+# Split so that a sharded run (workbench.distributed) computes on workers and commits on
+# the driver with the very same functions.
+def synthesis_prompts(task: Task, prompts_or_split: str | Sequence[str], limit: int | None) -> tuple[str | None, list[str]]:
+    """The split's name (``None`` for a list) and the prompts to run, the first ``limit``."""
     split = prompts_or_split if isinstance(prompts_or_split, str) else None
     prompts = task.split(prompts_or_split) if isinstance(prompts_or_split, str) else list(prompts_or_split)
     if limit is not None:
@@ -226,59 +255,77 @@ def synthesize(
         prompts = prompts[:limit]
     if not prompts:
         raise InputError("no prompts to synthesise")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be at least 1, got {batch_size}")
-    cfg = replace(config or SelfControlConfig(), progress=False)
-    data_dir = Path(out_dir)
-    with folder_lock(data_dir):
-        check_fingerprint(data_dir, synthesis_fingerprint(model, task, split, prompts, cfg), restart=restart,
-                          extendable=("prompts",), outputs=(INDEX, RECORDS, MANIFEST))
-        (data_dir / RECORDS).mkdir(parents=True, exist_ok=True)
-        if not (data_dir / MANIFEST).is_file():
-            atomic_write_json(data_dir / MANIFEST, {
-                "kind": "synthesis", "format_version": FORMAT_VERSION, "model_id": model.model_id,
-                "d_model": model.d_model, "n_layers": model.n_layers, "dtype": str(model.dtype).replace("torch.", ""),
-                "task": task.judge_dict(), "config": config_dict(cfg), "state_point": STATE_POINT, "split": split})
-        _clean_temp(data_dir)
-        _synthesize_missing(model, task, prompts, data_dir, cfg, batch_size, progress)
-    return data_dir
+    return split, prompts
 
 
-def _synthesize_missing(model: HookedChatModel, task: Task, prompts: list[str], data_dir: Path,
-                        cfg: SelfControlConfig, batch_size: int, progress: bool) -> None:
-    """Search, capture and commit every prompt without an index line (the caller holds the folder's lock)."""
+def synthesis_manifest(model: HookedChatModel, task: Task, cfg: SelfControlConfig, split: str | None) -> dict[str, Any]:
+    """``manifest.json``: what the data is, for training (the fingerprint is what a resume checks)."""
+    return {"kind": "synthesis", "format_version": FORMAT_VERSION, "model_id": model.model_id,
+            "d_model": model.d_model, "n_layers": model.n_layers, "dtype": str(model.dtype).replace("torch.", ""),
+            "task": task.judge_dict(), "config": config_dict(cfg), "state_point": STATE_POINT, "split": split}
+
+
+def open_synthesis(data_dir: Path, fingerprint: dict[str, Any], manifest: dict[str, Any], prompts: Sequence[str],
+                   *, restart: bool = False) -> list[tuple[int, str, str]]:
+    """Check the run's settings, repair the folder, and list ``(index, key, prompt)`` still to do.
+
+    The caller holds :func:`~workbench.store.folder_lock` on ``data_dir``.
+    """
+    check_fingerprint(data_dir, fingerprint, restart=restart, extendable=("prompts",),
+                      outputs=(INDEX, RECORDS, MANIFEST))
+    (data_dir / RECORDS).mkdir(parents=True, exist_ok=True)
+    if not (data_dir / MANIFEST).is_file():
+        atomic_write_json(data_dir / MANIFEST, manifest)
+    _clean_temp(data_dir)
     done = {e["key"] for e in read_index(data_dir, repair=True)}
     keys = [record_key(i, p) for i, p in enumerate(prompts)]
-    todo = [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
+    return [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
+
+
+@dataclass
+class SynthesisRecord:
+    """One prompt's record as plain data (CPU tensors): the record folder's tensors and config, the index line."""
+
+    key: str
+    tensors: dict[str, Tensor]
+    config: dict[str, Any]
+    entry: dict[str, Any]
+
+
+def compute_records(model: HookedChatModel, task: Task, chunk: Sequence[tuple[int, str, str]],
+                    cfg: SelfControlConfig) -> list[SynthesisRecord]:
+    """Search and capture each ``(index, key, prompt)`` of ``chunk`` (one :func:`search_prompts` call); no file access."""
+    if not chunk:
+        return []
     state_hooks = model.hook_names(None, STATE_POINT)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"synthesize [{task.id}]",
-               disable=not progress, unit="prompt")
-    for first in range(0, len(todo), batch_size):
-        chunk = todo[first:first + batch_size]
-        start = time.perf_counter()
-        results = search_prompts(model, [p for _, _, p in chunk], task, cfg)
-        seconds = (time.perf_counter() - start) / len(chunk)
-        for (i, key, prompt), result in zip(chunk, results, strict=True):
-            clean = capture_states(model, result.prompt_ids, state_hooks)
-            hidden = capture_states(model, result.prompt_ids, state_hooks, control=result.control)
-            shift = (hidden - clean).norm(dim=(1, 2)) / clean.norm(dim=(1, 2)).clamp_min(1e-12)
-            tensors = {"prompt_ids": torch.as_tensor(result.prompt_ids, dtype=torch.long), "hidden": hidden}
-            tensors.update({f"control.{n}": d.detach().float() for n, d in result.control.deltas.items()})
-            _write_record(data_dir, key, tensors, {
-                "model_id": model.model_id, "d_model": model.d_model, "state_hooks": state_hooks,
-                "control_hooks": result.control.hook_names, "prompt": prompt, "task": task.id,
-            })
-            append_jsonl(data_dir / INDEX, {
-                "key": key, "index": i, "prompt": prompt, "prompt_ids": result.prompt_ids,
-                "initial_score": result.initial_score, "score": result.score, "gain": result.gain,
-                "original_nll": result.original_nll, "nll": result.nll,
-                "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
-                "shift_fraction": shift.tolist(), "max_shift_fraction": float(shift.max()),
-                "control_norm": result.control.norms().norm(dim=-1).tolist(),
-                "state_norm": clean.norm(dim=(1, 2)).tolist(),
-                "original_response": result.original_response, "response": result.response,
-                "seconds": round(seconds, 3),
-            })
-            bar.update(1)
-            bar.set_postfix(gain=f"{result.gain:+.4f}")
-    bar.close()
+    start = time.perf_counter()
+    results = search_prompts(model, [p for _, _, p in chunk], task, cfg, batch_size=len(chunk))
+    seconds = (time.perf_counter() - start) / len(chunk)
+    out = []
+    for (i, key, prompt), result in zip(chunk, results, strict=True):
+        clean = capture_states(model, result.prompt_ids, state_hooks)
+        hidden = capture_states(model, result.prompt_ids, state_hooks, control=result.control)
+        shift = (hidden - clean).norm(dim=(1, 2)) / clean.norm(dim=(1, 2)).clamp_min(1e-12)
+        tensors = {"prompt_ids": torch.as_tensor(result.prompt_ids, dtype=torch.long), "hidden": hidden.cpu()}
+        tensors.update({f"control.{n}": d.detach().float().cpu() for n, d in result.control.deltas.items()})
+        config = {"model_id": model.model_id, "d_model": model.d_model, "state_hooks": state_hooks,
+                  "control_hooks": result.control.hook_names, "prompt": prompt, "task": task.id}
+        entry = {
+            "key": key, "index": i, "prompt": prompt, "prompt_ids": result.prompt_ids,
+            "initial_score": result.initial_score, "score": result.score, "gain": result.gain,
+            "original_nll": result.original_nll, "nll": result.nll,
+            "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
+            "shift_fraction": shift.tolist(), "max_shift_fraction": float(shift.max()),
+            "control_norm": result.control.norms().norm(dim=-1).tolist(),
+            "state_norm": clean.norm(dim=(1, 2)).tolist(),
+            "original_response": result.original_response, "response": result.response,
+            "seconds": round(seconds, 3),
+        }
+        out.append(SynthesisRecord(key, tensors, config, entry))
+    return out
+
+
+def commit_record(data_dir: Path, record: SynthesisRecord) -> None:
+    """Write the record folder, then its index line (the commit; the caller holds the folder's lock)."""
+    _write_record(data_dir, record.key, record.tensors, record.config)
+    append_jsonl(data_dir / INDEX, record.entry)
