@@ -102,7 +102,8 @@ def score_responses(
 
     With no hook active (the search's clean judge) each distinct prompt of a chunk
     runs once and its KV cache is shared by all its rows (several prompts: left-padded
-    into one prefill). Under active hooks (a control being scored, an applied prefix)
+    into one prefill), and a repeated (prompt, response) pair is scored once. Under active
+    hooks (a control being scored, an applied prefix)
     every row runs in full, right-padded, its prompt declared so the control acts at
     that row's prompt positions. ``batch_size``: rows (pairs x suffixes) per forward
     (``None``: all in one).
@@ -116,6 +117,13 @@ def score_responses(
         raise InputError("empty prompt")
     weights = _weights(suffixes, model.device)
     clean = model.active_hooks() == 0
+    pairs = [(tuple(p), tuple(r)) for p, r in zip(prompts, responses, strict=True)]
+    unique = list(dict.fromkeys(pairs))
+    if clean and len(unique) < len(pairs):  # small steps often leave the answer unchanged: score each pair once
+        once = score_responses(model, [p for p, _ in unique], [r for _, r in unique], suffixes, temperature=temperature,
+                               batch_size=batch_size)
+        where = torch.as_tensor([unique.index(pair) for pair in pairs], device=once.scores.device)
+        return ResponseScores(once.scores[where], once.per_suffix[where], once.nll[where])
     scores, per, nlls = [], [], []
     per_chunk = len(prompts) if batch_size is None else max(1, batch_size // len(suffixes))
     for start in range(0, len(prompts), per_chunk):
