@@ -18,6 +18,7 @@ geometry; control norm per layer on and off the sink).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from workbench.analysis.sinks import plot_control_norms, prompt_sinks
 from workbench.evaluation.judge_check import check_task
 from workbench.evaluation.judges import bootstrap_ci
 from workbench.selfcontrol.fluency import distinct_n, is_degenerate
-from workbench.selfcontrol.search import SelfControlConfig, resolve_config
+from workbench.selfcontrol.search import SelfControlConfig, config_dict, resolve_config
 from workbench.selfcontrol.steps import GEOMETRIES, sink_energy_share
 from workbench.selfcontrol.tasks import get_task
 
@@ -48,9 +49,20 @@ def usable_tasks(model, tasks: Sequence[str]) -> tuple[list[str], dict[str, dict
     return [t for t in tasks if checks[t]["verdict"] in USABLE], checks
 
 
-def run_searches(model, jobs: list[tuple[str, str, SelfControlConfig]]) -> list[control_cache.CachedResult]:
-    """Every (task, prompt, config) search; the one place to switch to the batched ``self_control_many``."""
-    return [control_cache.cached_self_control(model, prompt, task, cfg) for task, prompt, cfg in jobs]
+def run_searches(model, jobs: list[tuple[str, str, SelfControlConfig]], batch_size: int | None = None
+                 ) -> list[control_cache.CachedResult]:
+    """Every (task, prompt, config) search, from the cache or batched per (task, config) by ``self_control_many``."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, (task, _, cfg) in enumerate(jobs):
+        groups.setdefault((task, json.dumps(config_dict(cfg), sort_keys=True)), []).append(i)
+    out: list[control_cache.CachedResult | None] = [None] * len(jobs)
+    for indices in groups.values():
+        task, _, cfg = jobs[indices[0]]
+        found = control_cache.cached_self_control_many(model, [jobs[i][1] for i in indices], task, cfg,
+                                                       batch_size=batch_size, progress=False)
+        for i, record in zip(indices, found, strict=True):
+            out[i] = record
+    return out  # type: ignore[return-value]
 
 
 def _ci(values: Sequence[float]) -> list[float]:
@@ -149,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     geometries = ["position", *[g for g in args.geometries if g != "position"]]
     jobs = [(t, p, resolve_config(cfg, step_geometry=g)) for t in tasks for p in get_task(t).split("test")[: args.n_prompts]
             for g in geometries]
-    records = run_searches(model, jobs)
+    records = run_searches(model, jobs, args.batch_prompts)
     rows, sink_cache, examples = [], {}, {}
     for (task, prompt, job_cfg), record in zip(jobs, records, strict=True):
         key = tuple(record.prompt_ids)

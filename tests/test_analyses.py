@@ -8,7 +8,14 @@ import math
 
 import pytest
 
-from analyses import directions, layer_ablation, norm_patterns, repe_cosine, suffix_ablation
+from analyses import (
+    directions,
+    layer_ablation,
+    norm_patterns,
+    repe_cosine,
+    step_geometry,
+    suffix_ablation,
+)
 
 SMALL = ["--model", "tiny-random", "--tasks", "angry2peaceful", "--n-prompts", "2",
          "--iterations", "2", "--max-new-tokens", "6", "--batch-prompts", "2"]
@@ -32,6 +39,7 @@ def home(tmp_path, monkeypatch):
     (repe_cosine, ["repe_cosine.png", "repe_cosine.csv"]),
     (layer_ablation, ["angry2peaceful.png", "layer_ablation.csv"]),
     (suffix_ablation, ["angry2peaceful.png", "suffix_ablation.csv"]),
+    (step_geometry, ["step_geometry.png", "step_geometry.csv"]),
 ], ids=lambda s: getattr(s, "__name__", "").removeprefix("analyses."))
 def test_study_writes_its_outputs(study, outputs, home, tmp_path, monkeypatch):
     from workbench import plotting
@@ -120,9 +128,9 @@ def test_throughput_benchmark_prints_consistent_json(capsys):
     assert r["same_step_fraction"] == 1.0 and r["gain_batched"] == pytest.approx(r["gain_sequential"], abs=2e-3)
     assert sum(r["batched_time_split"].values()) <= 1.0 + 1e-6
 
+
 def test_step_geometry_study_compares_every_geometry(home, tmp_path):
     """The step-geometry study: one row per (prompt, geometry), a summary per geometry, the README table."""
-    from analyses import step_geometry
     from workbench.selfcontrol.steps import GEOMETRIES
 
     out = tmp_path / "out"

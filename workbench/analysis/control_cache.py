@@ -44,7 +44,7 @@ from ..selfcontrol.search import (
     self_control,
     self_control_many,
 )
-from ..selfcontrol.tasks import Task, get_task
+from ..selfcontrol.tasks import Task, get_task, with_question
 from ..store import atomic_write_json, fingerprint_hash, model_fingerprint
 
 if TYPE_CHECKING:
@@ -125,7 +125,7 @@ def cache_key(model: HookedChatModel, prompt_ids: Sequence[int], task: Task, con
         "format": CACHE_FORMAT,
         "search_version": SEARCH_VERSION,
         "model": model_fingerprint(model),
-        "task": task.judge_dict(),
+        "task": with_question(task, model.model_id, config.question).judge_dict(),  # "auto": the saved wording
         "prompt_ids": [int(i) for i in prompt_ids],
         "config": config_dict(config),
     })[:24]

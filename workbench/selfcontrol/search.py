@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 #: Version of the search's *behaviour*: bump it with any change that can change a result for the same settings
 #: (step geometry, acceptance rule, scoring). Caches and resumable runs key on it, so old results stop being served.
-SEARCH_VERSION = 3  # 3: batched search across prompts, scoring unembeds only the positions it reads
+SEARCH_VERSION = 4  # 3: batched search across prompts, scoring unembeds only the positions it reads;
+# 4: the step ladder starts at the dtype's resolution (bf16/fp16 results change; float32 ones do not)
 SCORE_ROWS = 64  # rows (answers x suffixes) per clean scoring forward
 CPU_BATCH_PROMPTS = 8
 #: Seconds spent in each part of the search in this process (``gradient``, ``generation``,
