@@ -508,8 +508,11 @@ def self_control(
     **overrides: Any,
 ) -> SelfControlResult:
     """Steer one prompt's answer toward ``task``'s target by suffix gradients (SelfControl): :func:`self_control_many` of one."""
-    if not isinstance(prompt, str) and (not isinstance(prompt, Sequence) or any(not isinstance(t, int) for t in prompt)):
-        raise InputError("a prompt is a text or a list of token ids")
+    if not isinstance(prompt, str):
+        try:
+            prompt = [int(t) for t in (prompt.tolist() if hasattr(prompt, "tolist") else prompt)]
+        except (TypeError, ValueError):
+            raise InputError("a prompt is a text or a list of token ids") from None
     return self_control_many(model, [prompt], task, config, batch_size=1, **overrides)[0]
 
 
