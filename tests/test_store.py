@@ -111,3 +111,209 @@ def test_a_folder_that_holds_nothing_is_not_called_damaged(tmp_path):
         with pytest.raises(wb.IncompatibleArtifactError, match="holds no saved control") as caught:
             wb.Control.load(folder)
         assert not isinstance(caught.value, wb.CorruptArtifactError)
+
+
+# ---- the shared writers ------------------------------------------------------------------------
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from workbench.store import (  # noqa: E402
+    append_jsonl,
+    atomic_write,
+    atomic_write_json,
+    check_fingerprint,
+    content_hash,
+    folder_lock,
+    read_jsonl,
+)
+
+
+def _killed(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a child that SIGKILLs itself at a point the code chooses; assert it died that way."""
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return proc
+
+
+DIE = "import os, signal\ndef die(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+
+
+def test_atomic_write_replaces_whole_files(tmp_path):
+    path = atomic_write(tmp_path / "sub" / "a.txt", "first")
+    assert path.read_text() == "first"
+    atomic_write(path, b"\x00second")
+    assert path.read_bytes() == b"\x00second"
+    atomic_write_json(tmp_path / "a.json", {"x": (1, 2)})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.json", "a.txt", "sub"]  # no temp file left
+
+
+def test_atomic_write_killed_before_the_rename_keeps_the_old_file(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write_json(path, {"version": "old"})
+    _killed(DIE + "from workbench.store import atomic_write_json\nimport sys\nos.replace = die\n"
+            "atomic_write_json(sys.argv[1], {'version': 'new' * 1000})", path)
+    assert json.loads(path.read_text()) == {"version": "old"}
+    atomic_write_json(path, {"version": "new"})
+    assert json.loads(path.read_text()) == {"version": "new"}
+
+
+def test_read_jsonl_drops_a_torn_last_line_with_a_warning_and_repairs_the_file(tmp_path, caplog):
+    path = tmp_path / "log.jsonl"
+    assert read_jsonl(path) == []
+    for i in range(3):
+        append_jsonl(path, {"i": i})
+    intact = path.read_bytes()
+    for torn in (b'{"i": 3, "x"', b'{"i": 3}', b"[1, 2]\n", b"\n\n"):  # cut mid-line, no newline yet, not an object
+        path.write_bytes(intact + torn)
+        with caplog.at_level(logging.WARNING, logger="workbench"):
+            caplog.clear()
+            records = read_jsonl(path)
+        assert records == [{"i": 0}, {"i": 1}, {"i": 2}]
+        if torn.strip():
+            assert "dropped a torn last line 4" in caplog.text
+            assert path.read_bytes() == intact  # repaired: the next append starts on a fresh line
+    path.write_bytes(intact + b'{"i": 3, "x')
+    append_jsonl(path, {"i": 3})  # an append after a torn tail cuts it off first
+    assert read_jsonl(path) == [{"i": i} for i in range(4)]
+
+
+def test_read_jsonl_refuses_a_corrupt_line_before_the_last(tmp_path):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"i": 0}\n{"i": 1\n{"i": 2}\n')
+    with pytest.raises(wb.CorruptArtifactError, match="corrupt line 2"):
+        read_jsonl(path)
+    assert path.read_text() == '{"i": 0}\n{"i": 1\n{"i": 2}\n'  # nothing is cut on an error
+
+
+def test_append_jsonl_killed_mid_line_loses_only_that_line(tmp_path, caplog):
+    path = tmp_path / "log.jsonl"
+    code = (DIE + "import sys\nfrom workbench.store import append_jsonl\n"
+            "append_jsonl(sys.argv[1], {'i': 0}); append_jsonl(sys.argv[1], {'i': 1})\n"
+            "write = os.write\n"
+            "def half(fd, data):\n    write(fd, bytes(data)[: len(data) // 2]); die()\n"
+            "os.write = half\nappend_jsonl(sys.argv[1], {'i': 2, 'text': 'x' * 100})\n")
+    _killed(code, path)
+    assert path.read_bytes().startswith(b'{"i": 0}\n{"i": 1}\n{"i": 2, "text": "xx')  # torn mid-line
+    assert not path.read_bytes().endswith(b"\n")
+    with caplog.at_level(logging.WARNING, logger="workbench"):
+        assert read_jsonl(path) == [{"i": 0}, {"i": 1}]
+    assert "torn last line" in caplog.text and path.read_text().endswith("}\n")
+    append_jsonl(path, {"i": 2})
+    assert read_jsonl(path) == [{"i": i} for i in range(3)]
+
+
+def test_append_jsonl_killed_before_fsync_returns_keeps_whole_lines(tmp_path):
+    path = tmp_path / "log.jsonl"
+    _killed(DIE + "import sys\nfrom workbench.store import append_jsonl\nappend_jsonl(sys.argv[1], {'i': 0})\n"
+            "os.fsync = die\nappend_jsonl(sys.argv[1], {'i': 1})\n", path)
+    assert read_jsonl(path) == [{"i": 0}, {"i": 1}]  # written before the kill: whole (the page cache survives the process)
+
+
+SAVE = (DIE + "import sys, torch\nfrom workbench.store import save_artifact\n"
+        "calls = []\nreplace = os.replace\n"
+        "def replace_then_die(*a, **k):\n    calls.append(1)\n    if len(calls) == int(sys.argv[2]):\n        die()\n"
+        "    replace(*a, **k)\n"
+        "os.replace = replace_then_die\n"
+        "save_artifact(sys.argv[1], 'thing', {'x': torch.ones(3)}, {'model_id': 'm', 'size': 'new'})\n")
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_save_artifact_killed_between_its_files_never_loads_a_mix(tmp_path, at):
+    folder = tmp_path / "thing"
+    save_artifact(folder, "thing", {"x": torch.zeros(3)}, {"model_id": "m", "size": "old"})
+    _killed(SAVE, folder, at)
+    if at == 1:  # killed before the tensors were renamed: the old object is intact
+        tensors, config = load_artifact(folder, "thing")
+        assert torch.equal(tensors["x"], torch.zeros(3)) and config["size"] == "old"
+    else:  # new tensors, old config: refused, not loaded as a mix
+        with pytest.raises(wb.CorruptArtifactError, match="does not match the hash"):
+            load_artifact(folder, "thing")
+    save_artifact(folder, "thing", {"x": torch.ones(3)}, {"model_id": "m", "size": "new"})
+    tensors, config = load_artifact(folder, "thing")
+    assert torch.equal(tensors["x"], torch.ones(3)) and config["size"] == "new"
+
+
+def test_content_hash_follows_content_not_path(tmp_path):
+    save_artifact(tmp_path / "a", "thing", {"x": torch.zeros(3)}, {"model_id": "m"})
+    save_artifact(tmp_path / "b", "thing", {"x": torch.zeros(3)}, {"model_id": "m"})
+    save_artifact(tmp_path / "c", "thing", {"x": torch.tensor([0.0, 0.0, 1e-6])}, {"model_id": "m"})
+    assert content_hash(tmp_path / "a", "thing") == content_hash(tmp_path / "b", "thing")
+    assert content_hash(tmp_path / "a", "thing") != content_hash(tmp_path / "c", "thing")
+
+
+HOLD = ("import sys, time\nfrom workbench.store import folder_lock\n"
+        "with folder_lock(sys.argv[1]):\n    print('locked', flush=True)\n    " + "{}\n")
+
+
+def test_folder_lock_refuses_a_live_second_writer(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", HOLD.format("time.sleep(120)"), str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(wb.RunLockedError, match=f"pid {child.pid}"):
+            with folder_lock(tmp_path):
+                pass
+    finally:
+        os.kill(child.pid, signal.SIGTERM)
+        child.wait()
+    with folder_lock(tmp_path) as lock:  # the holder is gone: free again
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(wb.RunLockedError):  # one writer, even within a process
+            with folder_lock(tmp_path):
+                pass
+    assert not lock.exists()
+
+
+def test_folder_lock_takes_over_a_stale_lock_with_a_warning(tmp_path, caplog):
+    proc = _killed(DIE + HOLD.format("die()"), tmp_path)
+    assert proc.stdout.strip() == "locked" and (tmp_path / ".lock").is_file()
+    dead = json.loads((tmp_path / ".lock").read_text())["pid"]
+    with caplog.at_level(logging.WARNING, logger="workbench"), folder_lock(tmp_path) as lock:
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert f"stale lock left by pid {dead}" in caplog.text
+
+
+def test_check_fingerprint_stores_then_refuses_naming_every_difference(tmp_path):
+    first = {"model": "m", "dtype": "float32", "decoding": {"max_new_tokens": 40, "seed": 0}}
+    assert check_fingerprint(tmp_path, first) == first
+    assert json.loads((tmp_path / "run.json").read_text())["fingerprint"] == first
+    assert check_fingerprint(tmp_path, dict(first)) == first  # the same run resumes
+    with pytest.raises(wb.ResumeMismatchError) as caught:
+        check_fingerprint(tmp_path, {"model": "m", "dtype": "bfloat16", "decoding": {"max_new_tokens": 20, "seed": 0},
+                                     "prompts": ["a"]})
+    text = str(caught.value)
+    for line in ("dtype: 'float32' stored vs 'bfloat16' now", "decoding.max_new_tokens: 40 stored vs 20 now",
+                 "prompts: (absent) stored vs [\"a\"] now", "another --out", "--restart"):
+        assert line in text
+    assert "seed" not in text
+    assert isinstance(caught.value, wb.InputError)
+
+
+def test_check_fingerprint_extendable_keys_grow_but_never_shrink_or_change(tmp_path):
+    user = {"model": "m", "methods": {"none": {}, "prompt": {"style": "user"}}}
+    check_fingerprint(tmp_path, user, extendable=["methods"])
+    assert check_fingerprint(tmp_path, {"model": "m", "methods": {"none": {}}}, extendable=["methods"]) == user
+    with pytest.raises(wb.ResumeMismatchError, match="methods.prompt.style: 'user' stored vs 'system' now"):
+        check_fingerprint(tmp_path, {"model": "m", "methods": {"none": {}, "prompt": {"style": "system"}}},
+                          extendable=["methods"])
+    grown = check_fingerprint(tmp_path, {"model": "m", "methods": {"repe": {"c": 1}}}, extendable=["methods"])
+    assert grown["methods"] == {"none": {}, "prompt": {"style": "user"}, "repe": {"c": 1}}
+    assert json.loads((tmp_path / "run.json").read_text())["fingerprint"] == grown
+
+
+def test_check_fingerprint_restart_discards_outputs_and_unknown_outputs_are_refused(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"old": 1}\n')
+    (tmp_path / "records").mkdir()
+    with pytest.raises(wb.ResumeMismatchError, match="no run.json"):
+        check_fingerprint(tmp_path, {"a": 1}, outputs=["results.jsonl", "records"])
+    check_fingerprint(tmp_path, {"a": 1}, restart=True, outputs=["results.jsonl", "records"])
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "records").exists()
+    (tmp_path / "results.jsonl").write_text('{"new": 1}\n')
+    with pytest.raises(wb.ResumeMismatchError):
+        check_fingerprint(tmp_path, {"a": 2}, outputs=["results.jsonl"])
+    assert check_fingerprint(tmp_path, {"a": 2}, restart=True, outputs=["results.jsonl"]) == {"a": 2}
+    assert not (tmp_path / "results.jsonl").exists()

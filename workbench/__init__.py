@@ -6,6 +6,8 @@ from .errors import (
     InputError,
     ModelLoadError,
     NumericalError,
+    ResumeMismatchError,
+    RunLockedError,
     WorkbenchError,
 )
 from .model.chat_model import HookedChatModel
@@ -56,6 +58,8 @@ __all__ = [
     "InputError",
     "ModelLoadError",
     "NumericalError",
+    "ResumeMismatchError",
+    "RunLockedError",
     "SelfControlConfig",
     "SelfControlResult",
     "SuffixGradients",

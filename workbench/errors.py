@@ -45,6 +45,14 @@ class CorruptArtifactError(IncompatibleArtifactError):
     """
 
 
+class ResumeMismatchError(InputError):
+    """A resumable output folder holds a run made with other settings: resuming would mix two runs' results."""
+
+
+class RunLockedError(WorkbenchError):
+    """Another live process is writing the same output folder."""
+
+
 class NumericalError(WorkbenchError):
     """A gradient or score became NaN or infinite."""
 
