@@ -12,13 +12,13 @@ import pytest
 
 from workbench.errors import InputError, ResumeMismatchError
 from workbench.preference import data as pdata
-from workbench.preference.data import LOG, MANIFEST, KEPT, preference_data, verdict
+from workbench.preference.data import KEPT, LOG, MANIFEST, preference_data, verdict
 from workbench.preference.pairs import PAIRS_FILE, read_pairs
 from workbench.selfcontrol.search import SelfControlConfig
 from workbench.selfcontrol.tasks import get_task
 
 # a generous fluency margin: the random model's answers are all equally (dis)fluent
-FAST = SelfControlConfig(iterations=2, n_steps=3, initial_step=-0.5, step_mode="absolute", max_new_tokens=4,
+FAST = SelfControlConfig(iterations=2, n_steps=3, initial_step=-0.1, max_new_tokens=6,
                          fluency_margin=5.0, progress=False)
 TASK = "angry2peaceful"
 
@@ -31,7 +31,8 @@ def _consistent(folder):
     """pairs.jsonl holds exactly the kept prompts of the log; the manifest counts every prompt once."""
     log, manifest = _log(folder), json.loads((folder / MANIFEST).read_text())
     kept = [r for r in log if r["status"] == KEPT]
-    rows = read_pairs(folder)
+    rows = read_pairs(folder) if kept else []
+    assert (folder / PAIRS_FILE).is_file()
     assert [r["key"] for r in rows] == [r["key"] for r in sorted(kept, key=lambda r: r["index"])]
     assert manifest["n_kept"] + sum(manifest["dropped"].values()) == manifest["n_prompts"] == len(log)
     return log, manifest, rows
@@ -167,8 +168,8 @@ def append_then_die(*args, **kwargs):  # the second prompt's line is on disk, pa
 data.append_jsonl = append_then_die
 model = wb.load_model("tiny-random", progress=False)
 data.preference_data(model, "angry2peaceful", "train", sys.argv[1], limit=int(sys.argv[2]), progress=False,
-                     config=SelfControlConfig(iterations=2, n_steps=3, initial_step=-0.5, step_mode="absolute",
-                                              max_new_tokens=4, fluency_margin=5.0))
+                     config=SelfControlConfig(iterations=2, n_steps=3, initial_step=-0.1,
+                                              max_new_tokens=6, fluency_margin=5.0))
 """
 
 

@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..selfcontrol.search import SelfControlConfig, SelfControlResult, _guard, config_dict, self_control
+from ..selfcontrol.search import (
+    SelfControlConfig,
+    SelfControlResult,
+    _guard,
+    config_dict,
+    self_control,
+)
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import Task, get_task
 from ..store import append_jsonl, atomic_write_json, check_fingerprint, folder_lock, read_jsonl
@@ -208,12 +214,10 @@ def preference_data(
     folder.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with folder_lock(folder):
-        check_fingerprint(folder, fingerprint, restart=restart)
-        if restart and (folder / LOG).exists():
-            (folder / LOG).unlink()
+        check_fingerprint(folder, fingerprint, restart=restart, outputs=(LOG, PAIRS_FILE, MANIFEST))
         keys = [prompt_key(i, p) for i, p in enumerate(prompts)]
         # this run's prompts only: a rerun with a smaller limit leaves the rest in the log, out of the pairs
-        records = [r for r in (read_jsonl(folder / LOG) if (folder / LOG).exists() else []) if r["key"] in set(keys)]
+        records = [r for r in read_jsonl(folder / LOG) if r["key"] in set(keys)]
         done = {r["key"] for r in records}
         todo = [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"preference-data [{task.id}, {mode}]",
