@@ -8,8 +8,10 @@ the evaluation's ``prompt`` method); ``rejected`` is the plain answer. Both
 answers are judged alike: suffix score and NLL under the clean model *given the
 plain prompt*, and a pair is kept only when ``chosen`` beats ``rejected`` by at
 least ``min_gain`` and passes the search's fluency guard (not degenerate, NLL
-within ``fluency_margin`` of the plain answer's). Every dropped prompt is
-counted by its reason.
+within ``fluency_margin`` of the plain answer's; an instructed answer's NLL is
+taken under its own, instructed prompt, as the plain answer's is under the
+plain one, since under the plain prompt it is unlikely for saying other things,
+not for being broken). Every dropped prompt is counted by its reason.
 
 Output folder (resumable; nothing is lost on interruption):
 
@@ -111,11 +113,13 @@ def _candidates(model: HookedChatModel, prompts: Sequence[str], task: Task, cfg:
         plain_ids = model.chat_ids(prompt)
         user, system = task.instructed(prompt, style)
         rejected = _answer(model, plain_ids, cfg)
-        chosen = _answer(model, model.chat_ids(user, system=system), cfg)
+        instructed_ids = model.chat_ids(user, system=system)
+        chosen = _answer(model, instructed_ids, cfg)
         scored = score_responses(model, [plain_ids], [chosen, rejected], suffixes, temperature=cfg.score_temperature)
+        own = score_responses(model, [instructed_ids], [chosen], suffixes, temperature=cfg.score_temperature)
         out.append({"chosen_ids": chosen, "rejected_ids": rejected, "chosen_score": float(scored.scores[0]),
                     "rejected_score": float(scored.scores[1]), "chosen_nll": float(scored.nll[0]),
-                    "rejected_nll": float(scored.nll[1])})
+                    "rejected_nll": float(scored.nll[1]), "chosen_nll_own_prompt": float(own.nll[0])})
     return out
 
 
@@ -232,7 +236,10 @@ def preference_data(
                 chosen_ids = c.pop("chosen_ids")
                 chosen, rejected = model.decode(chosen_ids), model.decode(c.pop("rejected_ids"))
                 gain = c["chosen_score"] - c["rejected_score"]
-                status = verdict(chosen, rejected, chosen_ids, gain, c["chosen_nll"], c["rejected_nll"], cfg, min_gain)
+                # the guard compares each answer under the prompt that produced it: an instructed answer says
+                # other things than the plain one, so under the plain prompt it is less likely without being broken
+                fluency_nll = c.get("chosen_nll_own_prompt", c["chosen_nll"])
+                status = verdict(chosen, rejected, chosen_ids, gain, fluency_nll, c["rejected_nll"], cfg, min_gain)
                 record = {"key": key, "index": i, "prompt": prompt, "status": status, "chosen": chosen,
                           "rejected": rejected, "gain": gain, **c, "seconds": round(seconds, 3)}
                 append_jsonl(folder / LOG, record)
