@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lint bench figures evaluation clean-cache
+.PHONY: demo test install lint bench figures evaluation dpo-study clean-cache
 
 install: $(STAMP)
 
@@ -54,3 +54,8 @@ evaluation: $(STAMP)
 	$(PY) -m workbench evaluate --tasks emotion --methods none,prompt,repe,selfcontrol,prefix --prompts test \
 	  --prefix $(CONTROLLERS) --out results/evaluation_full
 	cp results/evaluation_full/summary.png docs/figures/evaluation.png
+
+# README DPO study: preference pairs (SelfControl and instructed prompting) from 40 train prompts of two
+# emotion tasks, DPO on each, evaluated against the base, SelfControl and a prefix controller (every step resumes).
+dpo-study: $(STAMP)
+	$(PY) -m analyses.dpo_study --out results/dpo_study --docs-figure docs/figures/dpo_study.png
