@@ -55,7 +55,12 @@ evaluation: $(STAMP)
 	  --prefix $(CONTROLLERS) --out results/evaluation_full
 	cp results/evaluation_full/summary.png docs/figures/evaluation.png
 
-# README DPO study: preference pairs (SelfControl and instructed prompting) from 40 train prompts of two
-# emotion tasks, DPO on each, evaluated against the base, SelfControl and a prefix controller (every step resumes).
+# README DPO study: preference pairs (SelfControl and instructed prompting) from train prompts of two emotion
+# tasks, DPO on each, evaluated against the base and SelfControl on test prompts (every step resumes). The sizes
+# the README reports (about 50 minutes on 2 busy CPU cores, one process per task); the full study is
+# `$(PY) -m analyses.dpo_study` (40 train prompts, every test prompt, 40 tokens, a prefix controller per task).
+DPO_STUDY := --limit 24 --test-limit 10 --max-new-tokens 32 --prefix-limit 0 --threads 1 --out results/dpo_study
 dpo-study: $(STAMP)
-	$(PY) -m analyses.dpo_study --out results/dpo_study --docs-figure docs/figures/dpo_study.png
+	$(PY) -m analyses.dpo_study --tasks angry2peaceful $(DPO_STUDY)
+	$(PY) -m analyses.dpo_study --tasks surprised2calm $(DPO_STUDY)
+	$(PY) -m analyses.dpo_study --tasks angry2peaceful,surprised2calm $(DPO_STUDY) --docs-figure docs/figures/dpo_study.png
