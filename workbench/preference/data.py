@@ -88,7 +88,10 @@ class PreferenceData:
 
 
 def controlled_answers(model: HookedChatModel, prompts: Sequence[str], task: Task, config: SelfControlConfig) -> list[SelfControlResult]:
-    """SelfControl's search on every prompt: the one place the search runs for the data (batched when it can be)."""
+    """SelfControl's search on every prompt: the one place the search runs for the data.
+
+    One call for a batch of prompts, so the batched search (``self_control_many``) replaces this loop in one line.
+    """
     return [self_control(model, p, task, config) for p in prompts]
 
 
