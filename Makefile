@@ -59,7 +59,7 @@ evaluation: $(STAMP)
 # tasks, DPO on each, evaluated against the base and SelfControl on test prompts (every step resumes). The sizes
 # the README reports (about 50 minutes on 2 busy CPU cores, one process per task); the full study is
 # `$(PY) -m analyses.dpo_study` (40 train prompts, every test prompt, 40 tokens, a prefix controller per task).
-DPO_STUDY := --limit 24 --test-limit 10 --max-new-tokens 32 --prefix-limit 0 --threads 1 --out results/dpo_study
+DPO_STUDY := --limit 12 --test-limit 6 --max-new-tokens 32 --prefix-limit 0 --epochs 2 --lr 2e-5 --threads 1 --out results/dpo_study
 dpo-study: $(STAMP)
 	$(PY) -m analyses.dpo_study --tasks angry2peaceful $(DPO_STUDY)
 	$(PY) -m analyses.dpo_study --tasks surprised2calm $(DPO_STUDY)

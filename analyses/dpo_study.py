@@ -74,9 +74,11 @@ def dpo_model(data: Path, out: Path, args: argparse.Namespace, n_pairs: int) -> 
     """Train (or reuse) the DPO model on ``data``; None when there is no pair to train on."""
     if n_pairs == 0:
         return None
-    if not (out / REPORT_FILE).is_file():
-        train_dpo(data, out, model=args.model, device=args.device, overwrite=True, progress=False, epochs=args.epochs,
-                  lr=args.lr, beta=args.beta, lora_rank=args.lora, batch_size=args.dpo_batch_size, seed=args.seed)
+    wanted = {"epochs": args.epochs, "lr": args.lr, "beta": args.beta, "lora_rank": args.lora,
+              "batch_size": args.dpo_batch_size, "seed": args.seed}
+    old = read_report(out) if (out / REPORT_FILE).is_file() else None
+    if old is None or old["n_pairs"] != n_pairs or any(old["settings"].get(k) != v for k, v in wanted.items()):
+        train_dpo(data, out, model=args.model, device=args.device, overwrite=True, progress=False, **wanted)
     report = read_report(out)
     return {"n_pairs": report["n_pairs"], "steps": len(report["steps"]), "final": report["final"],
             "first_loss": report["steps"][0]["loss"], "last_loss": report["steps"][-1]["loss"],
