@@ -57,7 +57,7 @@ evaluation: $(STAMP)
 
 # README DPO study: preference pairs (SelfControl and instructed prompting) from train prompts of two emotion
 # tasks, DPO on each, evaluated against the base and SelfControl on test prompts (every step resumes). The sizes
-# the README reports (about 50 minutes on 2 busy CPU cores, one process per task); the full study is
+# the README reports (about an hour on 2 heavily shared CPU cores, one process per task); the full study is
 # `$(PY) -m analyses.dpo_study` (40 train prompts, every test prompt, 40 tokens, a prefix controller per task).
 DPO_STUDY := --limit 12 --test-limit 6 --max-new-tokens 32 --prefix-limit 0 --epochs 2 --lr 2e-5 --threads 1 --out results/dpo_study
 dpo-study: $(STAMP)
