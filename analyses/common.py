@@ -60,9 +60,13 @@ class Study:
     def from_parser(cls, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> Study:
         """Add the search knobs (analysis defaults), parse, make the output folder, load the model."""
         parser.add_argument("--docs-figure", default=None, help="also copy the study's main figure here (README figure)")
+        parser.add_argument("--batch-prompts", type=int, default=None, metavar="N",
+                            help="prompts searched at once (default: from free memory on CUDA, the measured best on CPU)")
         add_search_options(parser)
         parser.set_defaults(max_new_tokens=control_cache.ANALYSIS_DEFAULTS["max_new_tokens"], json=True)
         args = parser.parse_args(argv)
+        if args.batch_prompts is not None and args.batch_prompts < 1:
+            parser.error(f"--batch-prompts must be >= 1, got {args.batch_prompts}")
         config = search_config(args)
         out = out_dir(args.out)
         start = time.perf_counter()

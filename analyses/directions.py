@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--trajectories", type=int, default=3, help="how many tasks get a trajectory panel")
     study = Study.from_parser(parser, argv)
     args, cfg, out, model = study.args, study.config, study.out, study.model
-    dirs = gradient_directions(model, args.tasks, n_prompts=args.n_prompts, position=args.position, config=cfg)
+    dirs = gradient_directions(model, args.tasks, n_prompts=args.n_prompts, position=args.position, config=cfg,
+                               batch_prompts=args.batch_prompts)
     plotting.save(plot_direction_pca(dirs), out / "pca_by_layer.png")
     plotting.save(plot_consistency(dirs), out / "consistency.png")
     middle = dirs.layers[len(dirs.layers) // 2]
@@ -50,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     trajectories = []
     for task in args.tasks[: args.trajectories]:
         # the run with the most accepted iterations among the task's first prompts: the longest path
-        records = [control_cache.cached_self_control(model, p, task, cfg) for p in get_task(task).split("train")[: args.n_prompts]]
+        records = control_cache.cached_self_control_many(model, get_task(task).split("train")[: args.n_prompts], task, cfg,
+                                                         batch_size=args.batch_prompts)
         record = max(records, key=lambda r: sum(s is not None for s in r.accepted_steps))
         trajectories.append(trajectory_pca(model, record))
     plotting.save(plot_trajectories(trajectories), out / "trajectories.png")

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     results, rows = [], []
     for task in args.tasks:
         per_task = []
-        for prompt in get_task(task).split("train")[: args.n_prompts]:
-            record = control_cache.cached_self_control(model, prompt, task, cfg)
+        records = control_cache.cached_self_control_many(model, get_task(task).split("train")[: args.n_prompts], task, cfg,
+                                                         batch_size=args.batch_prompts)
+        for record in records:
             ablation = layer_window_ablation(model, record, task, widths=args.widths, stride=args.stride)
             per_task.append(ablation)
             rows += ablation.rows()

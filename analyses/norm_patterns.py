@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg, out, model = study.args, study.config, study.out, study.model
     patterns, rows = [], []
     for task in args.tasks:
-        pattern = analyze_norms(task, model=model, n_prompts=args.n_prompts, split=args.split, config=cfg)
+        pattern = analyze_norms(task, model=model, n_prompts=args.n_prompts, split=args.split, config=cfg,
+                                batch_prompts=args.batch_prompts)
         patterns.append(pattern)
         rows += pattern.rows()
         plotting.save(pattern.plot(), out / f"{task}.png")

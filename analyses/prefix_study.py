@@ -59,7 +59,7 @@ def evaluate(model, task, controllers: dict[str, PrefixController], test_dir: Pa
     """Per test prompt: the SelfControl record (scores, seconds) plus fresh uncontrolled and prefixed generations."""
     rows = []
     suffixes = task.compile(model)
-    for entry in read_index(test_dir)[0]:
+    for entry in read_index(test_dir):
         ids = entry["prompt_ids"]
         start = time.perf_counter()
         plain = model.generate([ids], max_new_tokens=max_new_tokens).tokens[0]

@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args, cfg, out, model = study.args, study.config, study.out, study.model
     results, rows = [], []
     for task in args.tasks:
-        ablation = suffix_ablation(model, task, n_prompts=args.n_prompts, config=cfg)
+        ablation = suffix_ablation(model, task, n_prompts=args.n_prompts, config=cfg, batch_prompts=args.batch_prompts)
         results.append(ablation)
         rows += ablation.rows()
         plotting.save(ablation.plot(), out / f"{task}.png")

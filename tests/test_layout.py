@@ -1,7 +1,7 @@
 """The package layout cannot decay: a stage imports only stages below it, and no modules import each other in a circle.
 
 Stages, lowest first: model < selfcontrol < prefix, analysis, preference (siblings:
-none imports another) < evaluation < cli. Shared ground (errors, store,
+none imports another) < evaluation < distributed < cli. Shared ground (errors, store,
 plotting, display) imports no stage. Every import counts for the stage rule, also
 lazy ones inside functions and ``if TYPE_CHECKING:`` ones; the circle check
 is on imports that run when a module is imported (module level, not under
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "workbench"
-RANK = {"model": 0, "selfcontrol": 1, "prefix": 2, "analysis": 2, "preference": 2, "evaluation": 3, "cli": 4}
+RANK = {"model": 0, "selfcontrol": 1, "prefix": 2, "analysis": 2, "preference": 2, "evaluation": 3, "distributed": 4, "cli": 5}
 SHARED = {"errors", "store", "plotting", "display"}
 
 

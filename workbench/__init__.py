@@ -14,7 +14,12 @@ from .model.chat_model import HookedChatModel
 from .model.generation import Generation, generate
 from .model.loading import EMBEDDED_ID, load_model, workbench_home
 from .selfcontrol.control import Control
-from .selfcontrol.search import SelfControlConfig, SelfControlResult, self_control
+from .selfcontrol.search import (
+    SelfControlConfig,
+    SelfControlResult,
+    self_control,
+    self_control_many,
+)
 from .selfcontrol.suffix import SuffixGradients, score_responses, suffix_gradients, suffix_score
 from .selfcontrol.tasks import ContrastPair, Task, get_task, list_tasks
 
@@ -71,6 +76,7 @@ __all__ = [
     "load_model",
     "score_responses",
     "self_control",
+    "self_control_many",
     "suffix_gradients",
     "suffix_score",
     "workbench_home",

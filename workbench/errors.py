@@ -57,6 +57,10 @@ class NumericalError(WorkbenchError):
     """A gradient or score became NaN or infinite."""
 
 
+class DistributedError(WorkbenchError):
+    """A Ray run cannot go on: Ray is not installed, the cluster is unreachable, or workers keep dying."""
+
+
 # ---- readable pydantic problems ----------------------------------------------------------
 _EXPECTED = {
     "string_type": "should be a string",

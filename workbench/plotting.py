@@ -7,6 +7,7 @@ notebooks keep their inline backend.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,9 +66,10 @@ def model_label(model_id: str) -> str:
 
 
 def save(fig: Figure, path: str | Path, dpi: int = DPI) -> Path:
-    """Save as PNG (folders created); closes the figure if pyplot manages it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    """Save as PNG (or the suffix's format; folders created) through the one atomic writer; closes the figure."""
+    from .store import atomic_write
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
-    return path
+    return atomic_write(path, buffer.getvalue())

@@ -51,6 +51,16 @@ except ImportError:  # pragma: no cover - Windows: fall back to the pid check al
 log = logging.getLogger("workbench")
 
 
+class ModelIdentity(Protocol):
+    """What an artifact is checked against: the model's id and width (shared ground imports no stage)."""
+
+    @property
+    def model_id(self) -> str: ...
+
+    @property
+    def d_model(self) -> int: ...
+
+
 # ---------------------------------------------------------------- whole files
 def _fsync_dir(folder: Path) -> None:
     """Make a rename durable (a crash right after it must not bring back the old name)."""
@@ -120,13 +130,15 @@ def append_jsonl(path: str | Path, record: Mapping[str, Any]) -> None:
         os.close(fd)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+def read_jsonl(path: str | Path, *, repair: bool = True) -> list[dict[str, Any]]:
     """The records of a JSONL log (``[]`` if there is none).
 
     A torn or corrupt *last* line (a kill mid-write) is dropped with a warning
     and the file is cut back to its intact part, so the next append starts
     clean. A corrupt line *before* the last cannot come from a kill: it raises
     :class:`CorruptArtifactError` naming the file and line number.
+    ``repair=False`` only reads (a reader that is not the folder's writer must
+    not cut a line another process is writing); the dropped line is then not warned about.
     """
     path = Path(path)
     if not path.is_file():
@@ -151,13 +163,14 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                     raise CorruptArtifactError(
                         f"{path} has a corrupt line {number} (of {len(lines) - (not lines[-1])}): {err}; a kill can only "
                         "tear the last line, so this file was edited or damaged: fix or remove that line") from None
-                log.warning("%s: dropped a torn last line %d (%s); the file is cut back to its %d intact record(s)",
-                            path, number, err, len(records))
+                if repair:
+                    log.warning("%s: dropped a torn last line %d (%s); the file is cut back to its %d intact record(s)",
+                                path, number, err, len(records))
                 break
             records.append(record)
         good_end = end
         offset = end
-    if good_end != len(data):
+    if repair and good_end != len(data):
         with path.open("r+b") as fh:
             fh.truncate(good_end)
             fh.flush()
@@ -359,53 +372,119 @@ def check_fingerprint(
     return merged
 
 
+# ---------------------------------------------------------------- what a model is
+#: Elements sampled from each weight tensor for :func:`weights_fingerprint`.
+WEIGHT_SAMPLES = 64
+
+
+def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """SHA-256 over each tensor's name, shape, dtype and the bytes of a fixed sample of its elements.
+
+    Why a sample: hashing every byte of an 8B model reads 16 GB; names, shapes
+    and 64 evenly spaced elements per tensor tell apart checkpoints,
+    fine-tunes and quantisations at the cost of a few hundred tiny gathers (on
+    the tensors' own devices). Tensors on the meta device (offloaded) count by
+    name, shape and dtype only.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in named_tensors:
+        t = tensor.detach()
+        digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        if t.device.type == "meta" or t.numel() == 0:
+            continue
+        flat = t.reshape(-1)
+        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), WEIGHT_SAMPLES), device=flat.device).long()
+        digest.update(flat[index].contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FingerprintedModel(ModelIdentity, Protocol):
+    """What :func:`model_fingerprint` reads (a :class:`~workbench.model.chat_model.HookedChatModel`)."""
+
+    @property
+    def dtype(self) -> Any: ...
+
+    @property
+    def device(self) -> Any: ...
+
+    decoder: Any
+    tokenizer: Any
+
+
+def model_fingerprint(model: FingerprintedModel) -> dict[str, Any]:
+    """Model id, weights (:func:`weights_fingerprint`), dtype, device type and chat template: what a run was made on.
+
+    The device *type* (cuda vs cpu), not its index: the same weights on
+    another GPU give the same numbers; CPU and GPU kernels do not.
+    """
+    template = getattr(model.tokenizer, "chat_template", None)
+    return {
+        "model_id": model.model_id,
+        "weights": weights_fingerprint(model.decoder.named_parameters()),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "device_type": getattr(model.device, "type", str(model.device)),
+        "chat_template": fingerprint_hash(template if isinstance(template, str) else str(template)),
+        "vocab_size": len(model.tokenizer),
+    }
+
+
 # ---------------------------------------------------------------- saved objects
-class ModelIdentity(Protocol):
-    """What an artifact is checked against: the model's id and width (shared ground imports no stage)."""
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def d_model(self) -> int: ...
-
 FORMAT_VERSION = 1
 TENSORS = "tensors.safetensors"
 CONFIG = "config.json"
+
+
+def tensors_digest(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 of tensors' names, dtypes, shapes and values, independent of how a file serialises them.
+
+    Why not the file's hash: safetensors writes its header's metadata in no
+    fixed order, so saving the same tensors twice gives different bytes.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu().reshape(-1)
+        digest.update(f"{name}|{tuple(tensors[name].shape)}|{t.dtype}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_artifact(folder: str | Path, kind: str, tensors: dict[str, Tensor], config: dict[str, Any]) -> Path:
     """Write tensors, then the config that names their SHA-256 (each file through :func:`atomic_write`).
 
     Why the hash: the two files cannot be renamed as one, so the config is
-    written last and carries the tensors' hash; a kill between the two leaves
-    new tensors next to an old config, which :func:`load_artifact` then
-    reports as damaged instead of loading a mix.
+    written last and carries the tensors file's hash; a kill between the two
+    leaves new tensors next to an old config, which :func:`load_artifact` then
+    reports as damaged instead of loading a mix. ``content_sha256`` (the
+    tensors' values, :func:`tensors_digest`) identifies the object for
+    :func:`content_hash`.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    payload = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
-                   metadata={"kind": kind, "model_id": str(config.get("model_id"))})
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    payload = save(tensors, metadata={"kind": kind, "model_id": str(config.get("model_id"))})
     config = {"kind": kind, "format_version": FORMAT_VERSION, **config,
-              "tensors_sha256": hashlib.sha256(payload).hexdigest()}
+              "content_sha256": tensors_digest(tensors), "tensors_sha256": hashlib.sha256(payload).hexdigest()}
     atomic_write(folder / TENSORS, payload)
     atomic_write_json(folder / CONFIG, config)
     return folder
 
 
 def content_hash(folder: str | Path, kind: str) -> str:
-    """SHA-256 of a saved object's content (its config, which holds its tensors' hash), not of its path.
+    """SHA-256 of a saved object's content (its config and its tensors' values), not of its path.
 
     Why: a resumed run that used an object must know it is the *same* object,
     even if it moved or was saved again under the same name.
     """
     folder = Path(folder)
     config = read_config(folder, kind)
-    if "tensors_sha256" not in config:  # saved before hashes were recorded: hash the file itself
-        if not (folder / TENSORS).is_file():
-            raise _damaged(folder, kind, f"{TENSORS} is missing", None)
-        config = {**config, "tensors_sha256": hashlib.sha256((folder / TENSORS).read_bytes()).hexdigest()}
-    return fingerprint_hash(config)
+    if "content_sha256" not in config:  # saved before digests were recorded: read the tensors
+        tensors, config = load_artifact(folder, kind)
+        config = {**config, "content_sha256": tensors_digest(tensors)}
+    return fingerprint_hash({k: v for k, v in config.items() if k != "tensors_sha256"})
 
 
 def _damaged(folder: Path, kind: str, what: str, remedy: str | None) -> CorruptArtifactError:

@@ -80,19 +80,68 @@ def test_lookup_never_searches(tiny, root, first):
     assert cc.stats["computed"] == computed
 
 
-def test_damaged_entry_is_recomputed(tiny, tmp_path):
-    from workbench.selfcontrol.tasks import get_task
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
-    cheap = cc.resolve_config(CONFIG, iterations=1, n_steps=1, max_new_tokens=3)
-    folder = tmp_path / cc.cache_key(tiny, tiny.chat_ids(PROMPT), get_task("angry2peaceful"), cheap)
-    folder.mkdir()
-    (folder / cc.RESULT).write_text("{not json")
+
+@pytest.mark.parametrize("damage", ["result not JSON", "control tensors truncated", "trajectory tensors truncated"])
+def test_damaged_entry_is_recomputed(tiny, root, first, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / first.key
+    shutil.copytree(root / first.key, folder)  # a damaged copy of the module's entry
+    cheap = CONFIG
+    if damage == "result not JSON":
+        (folder / cc.RESULT).write_text("{not json")
+    elif damage == "control tensors truncated":
+        _truncate(folder / "control" / "tensors.safetensors")
+    else:
+        saved = sorted((folder / "trajectory").glob("*/tensors.safetensors"))
+        assert saved, "the test needs an accepted step; raise initial_step"
+        _truncate(saved[0])
     computed = cc.stats["computed"]
     record = cc.cached_self_control(tiny, PROMPT, "angry2peaceful", cheap, root=tmp_path)
     assert cc.stats["computed"] == computed + 1 and not record.from_cache
-    assert json.loads((folder / cc.RESULT).read_text())["final_score"] == record.score
+    assert json.loads((folder / cc.RESULT).read_text())["final_score"] == record.score == first.score
+    assert cc.lookup(tiny, PROMPT, "angry2peaceful", cheap, root=tmp_path).from_cache  # repaired: loads again
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left behind
     assert cc.clear_cache(tmp_path) == 1 and not any(tmp_path.iterdir())
+
+
+def test_key_includes_the_search_version_and_the_weights(tiny, monkeypatch):
+    """Issue 11.1: a fix to the search kept serving old controls (the key had no version of the search's behaviour)."""
+    from workbench.selfcontrol.tasks import get_task
+
+    task, ids = get_task("angry2peaceful"), tiny.chat_ids(PROMPT)
+    key = cc.cache_key(tiny, ids, task, CONFIG)
+    monkeypatch.setattr(cc, "SEARCH_VERSION", cc.SEARCH_VERSION + 1)
+    assert cc.cache_key(tiny, ids, task, CONFIG) != key
+    monkeypatch.undo()
+    weight = tiny.decoder.get_input_embeddings().weight
+    original = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = original + 1.0  # element 0 is in the fingerprint's sample
+        try:
+            assert cc.cache_key(tiny, ids, task, CONFIG) != key
+        finally:
+            weight[0, 0] = original
+    assert cc.cache_key(tiny, ids, task, CONFIG) == key
+
+
+def test_a_record_keeps_the_users_prompt_text_when_called_with_ids(tiny, tmp_path):
+    """Issue 11.1: a call with token ids stored the decoded chat template ("system\nYou are a helpful ...")."""
+    cheap = cc.resolve_config(CONFIG, iterations=1, n_steps=1, max_new_tokens=3)
+    by_ids = cc.cached_self_control(tiny, tiny.chat_ids(PROMPT), "angry2peaceful", cheap, root=tmp_path)
+    assert by_ids.prompt == PROMPT
+    assert json.loads((tmp_path / by_ids.key / cc.RESULT).read_text())["prompt"] == PROMPT
+    by_text = cc.cached_self_control(tiny, PROMPT, "angry2peaceful", cheap, root=tmp_path)
+    assert by_text.from_cache and by_text.key == by_ids.key and by_text.prompt == PROMPT
+    assert cc.lookup(tiny, tiny.chat_ids(PROMPT), "angry2peaceful", cheap, root=tmp_path).prompt == PROMPT
+    many = cc.cached_self_control_many(tiny, [tiny.chat_ids("Why are you late again?")], "angry2peaceful", cheap,
+                                       root=tmp_path, progress=False)
+    assert [r.prompt for r in many] == ["Why are you late again?"] and not many[0].from_cache
+    system = tiny.chat_ids(PROMPT, system="Be brief.")  # not one plain user turn: its text is what it decodes to
+    assert cc.user_text(tiny, system) == tiny.decode(system)
 
 
 def test_control_round_trip_keeps_dtype_and_model(tiny, root, first):
@@ -106,3 +155,14 @@ def test_unknown_setting_is_refused(tiny, root):
 
     with pytest.raises(InputError, match="unknown settings"):
         cc.cached_self_control(tiny, PROMPT, "angry2peaceful", CONFIG, root=root, max_tokens=3)
+
+
+def test_many_reads_the_cached_prompts_and_searches_the_rest_together(tiny, root, first):
+    other = "Tell me about your weekend."
+    computed = cc.stats["computed"]
+    records = cc.cached_self_control_many(tiny, [PROMPT, other], "angry2peaceful", CONFIG, root=root, batch_size=2)
+    assert cc.stats["computed"] == computed + 1  # only the uncached prompt was searched
+    assert records[0].from_cache and records[0].response_ids == first.response_ids
+    assert not records[1].from_cache and records[1].prompt == other
+    alone = cc.cached_self_control(tiny, other, "angry2peaceful", CONFIG, root=root)
+    assert alone.from_cache and alone.key == records[1].key and alone.response_ids == records[1].response_ids

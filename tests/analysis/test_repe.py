@@ -74,8 +74,23 @@ def test_fit_on_a_model(tiny, fitted):
         assert rv.scales[name] > 0
     acc = rv.accuracy(tiny, held)
     assert set(acc) == set(rv.layers) and all(0.0 <= a <= 1.0 for a in acc.values())
-    # fit accuracy is computed on the fitting pairs, where the sign rule guarantees at least chance on average
-    assert max(rv.fit_accuracy.values()) >= 0.5
+
+
+def test_fit_on_a_model_recovers_a_planted_direction(tiny):
+    """Pairs that differ only in their last token ("... yes" vs "... no"): at the first layer's input the
+    last-token states differ by exactly embed(yes) - embed(no), so the fit must find that direction, with the
+    target side's sign, and separate held-out pairs perfectly."""
+    prompts = get_task("angry2peaceful").split("train")[:10]
+    pairs = [ContrastPair(p, "My answer is yes", "My answer is no") for p in prompts]
+    embed = tiny.decoder.get_input_embeddings().weight.detach().float()
+    planted = unit(embed[tiny.encode("My answer is yes")[-1]] - embed[tiny.encode("My answer is no")[-1]])
+    rv = ReadingVector.fit(tiny, "angry2peaceful", pairs=pairs[:6], layers=[0, 1], point="hook_resid_pre")
+    assert cosine(rv.direction(0), planted) > 0.999
+    assert rv.fit_accuracy[0] == 1.0 and rv.accuracy(tiny, pairs[6:])[0] == 1.0
+    assert abs(cosine(rv.direction(1), planted)) < 0.9  # after a block the direction is no longer the raw one
+    swapped = [ContrastPair(p.prompt, p.opposite_response, p.target_response) for p in pairs[:6]]
+    assert cosine(ReadingVector.fit(tiny, "angry2peaceful", pairs=swapped, layers=[0],
+                                    point="hook_resid_pre").direction(0), planted) < -0.999
 
 
 def test_swapping_sides_flips_the_vector(tiny):
@@ -111,9 +126,9 @@ def test_as_control(tiny, fitted):
     expected = 0.5 * rv.scales["blocks.1.hook_resid_post"] * rv.direction(1)
     assert torch.allclose(delta, expected.expand_as(delta), atol=1e-5)
     with torch.no_grad():
-        clean = tiny.bridge(tiny.as_tensor(ids))
+        clean = tiny.run_with_cache(tiny.as_tensor(ids), names_filter=[])[0]
         with control.applied(tiny):
-            steered = tiny.bridge(tiny.as_tensor(ids))
+            steered = tiny.run_with_cache(tiny.as_tensor(ids), names_filter=[])[0]
     assert not torch.allclose(clean, steered)
     assert set(rv.as_control(tiny, 3, 1.0).hook_names) == set(rv.hook_names)
     with pytest.raises(InputError):

@@ -7,12 +7,15 @@ import pytest
 
 from workbench.errors import InputError
 from workbench.evaluation.judges import (
+    MIN_N_SIGNIFICANCE,
     NRC_CATEGORIES,
     bootstrap_ci,
     judge_text,
     lexicon_rates,
+    paired_change,
     roc_auc,
     vader_compound,
+    words,
 )
 from workbench.selfcontrol.fluency import distinct_n, is_degenerate
 
@@ -60,6 +63,24 @@ def test_lexicon_rates_are_fractions_of_tokens_case_insensitive():
     assert rates["positive"] == pytest.approx(1 / 4)
     assert rates["joy"] == 0.0
     assert all(0.0 <= v <= 1.0 for v in rates.values())
+
+
+def test_quoted_words_count_as_the_words_themselves():
+    """Issue 11.3: the quoted sentence scored zero everywhere, the unquoted one 0.167 positive."""
+    quoted, plain = lexicon_rates("I said 'calm down' and left"), lexicon_rates("I said calm down and left")
+    assert plain["positive"] == pytest.approx(1 / 6)
+    assert quoted == plain
+    assert lexicon_rates('I said \u2018calm down\u2019 and left') == plain  # typographic quotes too
+    assert lexicon_rates('I said "calm down" and left') == plain
+
+
+def test_possessives_keep_the_word_they_belong_to():
+    """Issue 11.3: "my friend's trust" lost joy and trust."""
+    rates = lexicon_rates("my friend's trust")
+    assert rates == lexicon_rates("my friend trust")
+    assert rates["joy"] == pytest.approx(1 / 3) and rates["trust"] == pytest.approx(2 / 3)
+    assert lexicon_rates("my friend\u2019s trust") == rates
+    assert words("the friends' houses aren't 'quiet'") == ["the", "friends", "houses", "aren't", "quiet"]
 
 
 def test_judges_need_no_nltk_textblob_or_network():
@@ -134,7 +155,70 @@ def test_is_degenerate_empty_short_and_dominance():
 
 def test_bootstrap_ci_constant_and_single_value():
     assert bootstrap_ci([3.0] * 10) == (3.0, 3.0, 3.0)
-    assert bootstrap_ci([2.5]) == (2.5, 2.5, 2.5)
+    mean, low, high = bootstrap_ci([0.003])  # issue 11.2: one value is no evidence, not a zero-width interval
+    assert mean == 0.003 and math.isnan(low) and math.isnan(high)
+
+
+# --- paired changes and the significance mark ------------------------------------------------------
+
+
+def _classical(diff):
+    from scipy import stats
+
+    nonzero = [d for d in diff if d != 0]
+    return (stats.ttest_1samp(diff, 0.0).pvalue,
+            stats.binomtest(sum(d > 0 for d in nonzero), len(nonzero)).pvalue if nonzero else 1.0)
+
+
+def test_paired_change_is_computed_on_the_paired_differences():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(0, 5, 20)  # large prompt-to-prompt spread, small consistent change
+    values = reference + 0.5 + rng.normal(0, 0.1, 20)
+    change = paired_change(values, reference)
+    assert change["mean"] == pytest.approx(float(np.mean(values - reference)))
+    low, high = change["ci"]
+    assert 0.3 < low < 0.5 < high < 0.7  # the interval of the differences, far narrower than either group's
+    assert change["significant"] and change["n"] == 20
+    _, unpaired_low, _ = bootstrap_ci(values)
+    assert unpaired_low < 0  # unpaired, the same change would be lost in the spread
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_significance_mark_agrees_with_a_paired_t_test_and_sign_test(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(MIN_N_SIGNIFICANCE, 40))
+    shift = [0.0, 0.2, 1.0][seed % 3]
+    reference = rng.normal(0, 1, n)
+    values = reference + shift + rng.normal(0, 1, n)
+    change = paired_change(values, reference)
+    p_t, p_sign = _classical(values - reference)
+    assert change["p_t"] == pytest.approx(p_t) and change["p_sign"] == pytest.approx(p_sign)
+    if change["significant"]:
+        assert p_t < 0.05  # a mark is never placed where the paired t-test disagrees
+        low, high = change["ci"]
+        assert low > 0 or high < 0
+    elif p_t < 0.01:  # clearly significant by the t-test: the bootstrap interval agrees and the mark appears
+        pytest.fail(f"t-test p={p_t:.4f} on n={n} pairs but no mark")
+
+
+def test_no_mark_below_the_minimum_n_even_when_every_change_has_one_sign():
+    for n in range(1, MIN_N_SIGNIFICANCE):
+        diff = [0.5 + 0.01 * i for i in range(n)]
+        change = paired_change(diff, [0.0] * n)
+        assert not change["significant"], n
+        assert (change["ci"] is None) == (n < 2)
+        assert change["p_sign"] > 0.05  # the exact sign test agrees: n < 6 same-sign pairs are not significant
+    diff = [0.5 + 0.01 * i for i in range(MIN_N_SIGNIFICANCE)]
+    change = paired_change(diff, [0.0] * MIN_N_SIGNIFICANCE)
+    assert change["significant"] and change["p_sign"] < 0.05 and change["p_t"] < 0.05
+
+
+def test_skewed_small_sample_is_not_marked_where_the_tests_disagree():
+    diff = [5.0, 0.1, 0.1, 0.1, 0.1, -0.1]  # one large outlier: percentile interval excludes 0, the tests do not
+    change = paired_change(diff, [0.0] * 6)
+    p_t, p_sign = _classical(np.array(diff))
+    assert p_t > 0.05 and p_sign > 0.05
+    assert not change["significant"]
 
 
 def test_bootstrap_ci_of_standard_normal_sample():

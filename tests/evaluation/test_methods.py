@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 
 from workbench.errors import InputError
@@ -82,8 +84,8 @@ def test_repe_coefficient_is_chosen_on_train_prompts_outside_the_evaluated_ones(
 
 
 def test_repe_selection_batch_gives_each_row_what_it_gives_alone(tiny, repe):
-    """prepare generates every (prompt, coefficient) row in one left-padded batch under a control as wide as the
-    longest prompt; if that shifted the vector or the padding leaked, the coefficient would be chosen on other text."""
+    """prepare generates every (prompt, coefficient) row in one left-padded batch under per-row controls, each on
+    its own prompt; if that shifted the vector or the padding leaked, the coefficient would be chosen on other text."""
     method, state = repe
     vector, layers = method._vectors[TASK.id], state["layers"]
     prompt_ids = [tiny.chat_ids(p) for p in state["selection_prompts"]]
@@ -91,6 +93,9 @@ def test_repe_selection_batch_gives_each_row_what_it_gives_alone(tiny, repe):
     width = max(len(ids) for ids in prompt_ids)
     rows = [(ids, c) for ids in prompt_ids for c in method.coefficients]
     with Control.stack([vector.as_control(tiny, width, c, layers) for _, c in rows]).applied(tiny):
+        with pytest.raises(InputError, match="belongs to"):  # one width for all rows no longer lands anywhere
+            tiny.generate([ids for ids, _ in rows], **DEC.kwargs())
+    with Control.stack([vector.as_control(tiny, len(ids), c, layers).bind(ids) for ids, c in rows]).applied(tiny):
         batched = [list(t) for t in tiny.generate([ids for ids, _ in rows], **DEC.kwargs()).tokens]
     alone = []
     for ids, c in rows:
@@ -138,6 +143,18 @@ def test_selfcontrol_method_matches_the_search_and_uses_shared_decoding(tiny):
     assert "max_new_tokens" not in SelfControlMethod(SC).settings()
 
 
+def test_selfcontrol_method_searches_its_prompts_together_with_the_same_answers(tiny):
+    prompts = TASK.split("test")[:3]
+    method = SelfControlMethod(SC, batch_prompts=3)
+    assert method.prompts_per_call == 3 and SelfControlMethod(SC).prompts_per_call is None
+    together = method.respond_many(tiny, TASK, prompts, DEC)
+    alone = [SelfControlMethod(SC, batch_prompts=1).respond(tiny, TASK, p, DEC) for p in prompts]
+    assert [r.response_ids for r in together] == [r.response_ids for r in alone]
+    assert [r.info["search_score"] for r in together] == pytest.approx([r.info["search_score"] for r in alone], abs=1e-4)
+    with pytest.raises(InputError, match="batch_prompts"):
+        SelfControlMethod(SC, batch_prompts=0)
+
+
 def _controller(tiny, folder, task_id=None):
     c = PrefixController.init(tiny, n_tokens=2)
     c.embeddings = c.embeddings + 0.5
@@ -165,25 +182,39 @@ def test_no_control_leaks_from_one_method_into_the_next(tiny, repe, tmp_path):
     none = NoControl()
     alone = run_isolated(tiny, none, TASK, PROMPT, DEC).response_ids
     before = hook_state(tiny)
-    _controller(tiny, tmp_path / "angry2peaceful")
+    controller = _controller(tiny, tmp_path / "angry2peaceful")
     prefix = PrefixMethod(tmp_path)
     prefix.prepare(tiny, TASK, DEC)
-    method, _ = repe
+    method, state = repe
     method.prepare(tiny, TASK, DEC, state={"coefficient": 1.0})
-    changed = []
+    ids = tiny.chat_ids(PROMPT)
+
+    def generate(prompt_ids, control=None):
+        with control.applied(tiny) if control is not None else contextlib.nullcontext():
+            return list(tiny.generate([prompt_ids], **DEC.kwargs()).tokens[0])
+
+    # what each method's control produces when applied by hand: the isolated run must give exactly that
+    expected = {
+        "selfcontrol": list(self_control(tiny, PROMPT, TASK, max_new_tokens=DEC.max_new_tokens, seed=DEC.seed,
+                                         progress=False, **SC).response_ids),
+        "repe": generate(ids, method._vectors[TASK.id].as_control(tiny, len(ids), 1.0, state["layers"])),
+        "prefix": generate(ids, controller),
+        "prompt": generate(PromptInstruction().prompt_ids(tiny, TASK, PROMPT)),
+    }
     for m in (SelfControlMethod(SC), method, prefix, PromptInstruction()):
         out = run_isolated(tiny, m, TASK, PROMPT, DEC)
-        changed.append(out.response_ids != alone)
+        assert out.response_ids == expected[m.name], m.name
         assert hook_state(tiny) == before
         assert run_isolated(tiny, none, TASK, PROMPT, DEC).response_ids == alone
-    assert any(changed)  # the controls did act while they were applied
+    # the controls did act while they were applied (a reading vector at 1x the residual norm, an instruction)
+    assert expected["repe"] != alone and expected["prompt"] != alone
 
 
 class _Leaky(Method):
     name = "leaky"
 
     def respond(self, model, task, prompt, decoding):
-        model.prefix_ids = [model.pad_token_id]
+        model.prefix = PrefixController.init(model, 1)  # the applied-prefix state, never cleared
         return MethodResponse([], [], 0.0)
 
 
@@ -192,7 +223,7 @@ def test_run_isolated_catches_a_method_that_leaves_control_behind(tiny):
         with pytest.raises(ControlLeakError, match="leaky"):
             run_isolated(tiny, _Leaky(), TASK, PROMPT, DEC)
     finally:
-        tiny.prefix_ids = []
+        tiny.prefix = None
 
 
 @pytest.mark.embedded

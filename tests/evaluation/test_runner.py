@@ -4,8 +4,8 @@ import json
 import pytest
 
 from workbench.cli import main
-from workbench.errors import InputError
-from workbench.evaluation.methods import Method, NoControl
+from workbench.errors import InputError, ResumeMismatchError, RunLockedError
+from workbench.evaluation.methods import Decoding, Method, NoControl
 from workbench.evaluation.report import write_summary
 from workbench.evaluation.runner import evaluate, evaluate_from_config, resolve_prompts
 from workbench.selfcontrol.tasks import get_task
@@ -140,14 +140,16 @@ def test_an_interrupted_run_keeps_finished_lines_and_completes_without_duplicate
     assert len(keys) == len(set(keys)) == 6 and len(result.records) == 6
 
 
-def test_resume_refuses_other_settings_and_summary_skips_prompts_not_asked_for(tiny, tmp_path):
+def test_resume_refuses_other_settings_and_a_smaller_run_never_shrinks_the_folder(tiny, tmp_path):
     evaluate(tiny, [TASK], "none", PROMPTS, tmp_path, **FAST)
-    with pytest.raises(InputError, match="different 'decoding'"):
+    with pytest.raises(ResumeMismatchError, match="decoding.max_new_tokens: 4 stored vs 5 now"):
         evaluate(tiny, [TASK], "none", PROMPTS, tmp_path, max_new_tokens=5, progress=False)
-    result = evaluate(tiny, [TASK], "none", PROMPTS[:1], tmp_path, **FAST)
+    result = evaluate(tiny, [TASK], "none", PROMPTS[:1], tmp_path, **FAST)  # the first prompts of the same list
     assert len(_lines(tmp_path)) == 2 and len(result.records) == 1
-    assert result.summary["tasks"]["angry2peaceful"]["none"]["n"] == 1
-    assert write_summary(tmp_path)["tasks"]["angry2peaceful"]["none"]["n"] == 1
+    assert json.loads((tmp_path / "config.json").read_text())["prompts"] == {TASK.id: PROMPTS}  # not shrunk
+    assert write_summary(tmp_path)["tasks"]["angry2peaceful"]["none"]["n"] == 2
+    with pytest.raises(ResumeMismatchError, match=r"prompts.angry2peaceful#0: .* stored vs 'Other\?' now"):
+        evaluate(tiny, [TASK], "none", ["Other?"], tmp_path, **FAST)  # another prompt set into the same folder
 
 
 class _Knobs(NoControl):
@@ -160,17 +162,96 @@ class _Knobs(NoControl):
         return self.knobs
 
 
-def test_resume_compares_only_the_methods_and_knobs_both_runs_have(tiny, tmp_path):
+def test_issue_reproduction_fewer_methods_then_other_method_settings_is_refused(tiny, tmp_path):
+    """Issue 11.1: none,prompt(style=user), then none, then none,prompt(style=system) reported the user-style
+    records as system-style: the middle run shrank config.json to `none` and the check compared only shared methods."""
+    user = evaluate(tiny, [TASK], "none,prompt", PROMPTS[:1], tmp_path, prompt_style="user", **FAST)
+    user_records = [r for r in user.records if r["method"] == "prompt"]
+    evaluate(tiny, [TASK], "none", PROMPTS[:1], tmp_path, **FAST)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["methods"] == ["none", "prompt"] and config["method_settings"]["prompt"] == {"style": "user"}
+    with pytest.raises(ResumeMismatchError) as caught:
+        evaluate(tiny, [TASK], "none,prompt", PROMPTS[:1], tmp_path, prompt_style="system", **FAST)
+    text = str(caught.value)
+    assert "methods.prompt.style: 'user' stored vs 'system' now" in text
+    assert "another --out" in text and "--restart" in text
+    assert [json.loads(x) for x in _lines(tmp_path) if json.loads(x)["method"] == "prompt"] == user_records
+    # the way out: --restart discards the old results and runs the new settings
+    system = evaluate(tiny, [TASK], "none,prompt", PROMPTS[:1], tmp_path, prompt_style="system", restart=True, **FAST)
+    assert [r["info"]["style"] for r in system.records if r["method"] == "prompt"] == ["system"]
+    assert len(_lines(tmp_path)) == 2
+
+
+def test_resume_compares_every_knob_of_every_method_and_adding_a_method_extends(tiny, tmp_path):
     evaluate(tiny, [TASK], [_Knobs(a=1, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
-    with pytest.raises(InputError, match="different 'method_settings'"):
+    with pytest.raises(ResumeMismatchError, match="methods.knobs.a: 1 stored vs 2 now"):
         evaluate(tiny, [TASK], [_Knobs(a=2, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
-    with pytest.raises(InputError, match="different 'method_settings'"):
+    with pytest.raises(ResumeMismatchError, match=r"methods.knobs.layers: \[1, 2\] stored vs \[1, 3\] now"):
         evaluate(tiny, [TASK], [NoControl(), _Knobs(a=1, layers=(1, 3))], PROMPTS[:1], tmp_path, **FAST)
-    # a knob added since (or dropped), and a method added, do not block the resume; tuples match saved lists
-    evaluate(tiny, [TASK], [_Knobs(a=1, layers=(1, 2), b=0)], PROMPTS[:1], tmp_path, **FAST)
-    evaluate(tiny, [TASK], [_Knobs(layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
+    with pytest.raises(ResumeMismatchError, match=r"methods.knobs.b: \(absent\) stored vs 0 now"):
+        evaluate(tiny, [TASK], [_Knobs(a=1, layers=(1, 2), b=0)], PROMPTS[:1], tmp_path, **FAST)
+    # tuples match saved lists; a method added extends the run, and a later run without it keeps it
     result = evaluate(tiny, [TASK], [NoControl(), _Knobs(a=1, layers=(1, 2))], PROMPTS[:1], tmp_path, **FAST)
     assert sorted(_keys(result.records)) == [(TASK.id, "knobs", PROMPTS[0]), (TASK.id, "none", PROMPTS[0])]
+    evaluate(tiny, [TASK], [NoControl()], PROMPTS[:1], tmp_path, **FAST)
+    stored = json.loads((tmp_path / "run.json").read_text())["fingerprint"]["methods"]
+    assert stored == {"knobs": {"a": 1, "layers": [1, 2]}, "none": {}}
+
+
+def test_resume_refuses_another_model_dtype_or_task_text(tiny, tiny_mha, tmp_path):
+    import dataclasses
+
+    import torch
+
+    import workbench as wb
+
+    evaluate(tiny, [TASK], "none", PROMPTS[:1], tmp_path, **FAST)
+    with pytest.raises(ResumeMismatchError, match="model.model_id: 'tiny-random' stored vs 'tiny-random-mha' now"):
+        evaluate(tiny_mha, [TASK], "none", PROMPTS[:1], tmp_path, **FAST)
+    half = wb.load_model("tiny-random", dtype=torch.bfloat16, progress=False)
+    with pytest.raises(ResumeMismatchError, match="model.dtype: 'float32' stored vs 'bfloat16' now") as caught:
+        evaluate(half, [TASK], "none", PROMPTS[:1], tmp_path, **FAST)
+    assert "model.weights" in str(caught.value)  # bf16 weights differ from the float32 ones
+    reworded = dataclasses.replace(TASK, question="Is the reply calm?")
+    with pytest.raises(ResumeMismatchError, match="tasks.angry2peaceful.question: .* stored vs 'Is the reply calm\\?' now"):
+        evaluate(tiny, [reworded], "none", PROMPTS[:1], tmp_path, **FAST)
+
+
+def test_resume_knows_a_prefix_controller_by_content_not_path(tiny, tmp_path):
+    from workbench.prefix.controller import PrefixController
+
+    controller = PrefixController.init(tiny, n_tokens=2)
+    controller.save(tmp_path / "ctrl")
+    evaluate(tiny, [TASK], "prefix", PROMPTS[:1], tmp_path / "run", prefix=tmp_path / "ctrl", **FAST)
+    controller.save(tmp_path / "moved")
+    evaluate(tiny, [TASK], "prefix", PROMPTS[:1], tmp_path / "run", prefix=tmp_path / "moved", **FAST)  # same content
+    controller.embeddings = controller.embeddings + 0.5
+    controller.save(tmp_path / "ctrl")  # retrained in place: same path, other content
+    with pytest.raises(ResumeMismatchError, match="methods.prefix.controllers.angry2peaceful"):
+        evaluate(tiny, [TASK], "prefix", PROMPTS[:1], tmp_path / "run", prefix=tmp_path / "ctrl", **FAST)
+
+
+def test_repe_refuses_a_coefficient_chosen_on_the_evaluated_prompts(tiny, tmp_path):
+    """A saved coefficient was reused unchecked, so `--prompts train` evaluated on the prompts it was tuned on."""
+    from workbench.evaluation.methods import RepeAddition
+
+    method = RepeAddition(coefficients=(0.0, 0.1), n_select=2, n_pairs=4)
+    state = method.prepare(tiny, TASK, Decoding(max_new_tokens=3), held_out=PROMPTS)
+    tuned_on = state["selection_prompts"]
+    with pytest.raises(InputError, match="chosen on prompts that are now evaluated"):
+        RepeAddition(coefficients=(0.0, 0.1), n_select=2, n_pairs=4).prepare(
+            tiny, TASK, Decoding(max_new_tokens=3), held_out=tuned_on, state=state)
+
+
+def test_results_without_a_fingerprint_are_refused_and_a_second_writer_too(tiny, tmp_path):
+    from workbench.store import folder_lock
+
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.jsonl").write_text('{"task": "angry2peaceful"}\n')  # an older workbench's run
+    with pytest.raises(ResumeMismatchError, match="no run.json"):
+        evaluate(tiny, [TASK], "none", PROMPTS[:1], tmp_path / "old", **FAST)
+    with folder_lock(tmp_path / "busy"), pytest.raises(RunLockedError):
+        evaluate(tiny, [TASK], "none", PROMPTS[:1], tmp_path / "busy", **FAST)
 
 
 def test_non_emotion_task_has_no_lexicon_metric(tiny, tmp_path):
@@ -189,5 +270,52 @@ def test_cli_evaluate_and_summary_only(tmp_path, capsys):
     assert main(["evaluate", "--out", str(tmp_path / "o"), "--summary-only"]) == 0
     assert "| angry2peaceful | none | 1 |" in capsys.readouterr().out
     assert main(["evaluate", "--model", "tiny-random", "--methods", "prefix", "--out", str(tmp_path / "x")]) == 2
+    capsys.readouterr()
+    other = [a if a != "3" else "4" for a in args]
+    assert main(["evaluate", *other]) == 2  # another decoding into the same folder: refused, naming the key
+    assert "error:" in (err := capsys.readouterr().err) and "decoding.max_new_tokens: 3 stored vs 4 now" in err
+    assert main(["evaluate", *other, "--restart"]) == 0
+    assert json.loads((tmp_path / "o" / "run.json").read_text())["fingerprint"]["decoding"]["max_new_tokens"] == 4
 
 
+
+
+KILLED_RUN = """
+import os, signal, sys
+import workbench as wb
+from workbench.evaluation import runner
+from workbench.store import append_jsonl
+calls = []
+def append_then_die(path, record):  # the third record: half of its line reaches the disk, then SIGKILL
+    calls.append(1)
+    if len(calls) == 3:
+        line = (__import__("json").dumps(record) + "\\n").encode()
+        with open(path, "ab") as fh:
+            fh.write(line[: len(line) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    append_jsonl(path, record)
+runner.append_jsonl = append_then_die
+model = wb.load_model("tiny-random", progress=False)
+runner.evaluate(model, ["angry2peaceful"], "none,prompt", sys.argv[2:], sys.argv[1], max_new_tokens=4, progress=False)
+"""
+
+
+def test_evaluation_killed_mid_line_resumes_to_the_same_records(tiny, tmp_path, caplog):
+    import logging
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(out), *PROMPTS], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / ".lock").is_file() and not (out / "results.jsonl").read_text().endswith("\n")
+    with caplog.at_level(logging.WARNING, logger="workbench"):
+        result = evaluate(tiny, [TASK], "none,prompt", PROMPTS, out, **FAST)
+    assert "stale lock" in caplog.text and "torn last line 3" in caplog.text
+    lines = [json.loads(x) for x in _lines(out)]
+    assert len(lines) == 4 and len(set(_keys(lines))) == 4 and len(result.records) == 4
+    fresh = evaluate(tiny, [TASK], "none,prompt", PROMPTS, tmp_path / "fresh", **FAST)
+    assert sorted((r["method"], r["prompt"], r["response_ids"]) for r in lines) == \
+        sorted((r["method"], r["prompt"], r["response_ids"]) for r in fresh.records)

@@ -48,18 +48,36 @@ def test_applied_prefix_matches_a_manual_forward_and_cached_generation(tiny_any)
     with torch.no_grad():
         ref = model.decoder(inputs_embeds=x, attention_mask=mask).logits[0, -1]
         with c0.applied(model):
-            ours = model.bridge(model.as_tensor([c.placeholder_id] * 3 + prompts[1]))[0, -1]
+            ids, _, layout = model.rows_layout(model.as_tensor(prompts[1]))  # the slots go first, declared
+            assert ids[0, :3].tolist() == [c.placeholder_id] * 3 and layout.prefix == 3
+            with model.declared(layout):
+                ours = model.bridge(ids)[0, -1]
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_hooks_leave_other_forwards_alone(tiny):
+def test_prefix_is_model_state_not_guessed_from_the_ids(tiny):
+    """Every workbench forward honours an applied prefix; none guesses it from placeholder ids (the pad token)."""
+    from workbench.selfcontrol.suffix import score_responses
+    from workbench.selfcontrol.tasks import Task
+
     c = _random_controller(tiny)
     ids = tiny.chat_ids("hello")
+    answer = tiny.encode("Fine, thanks.")
+    starts_like_slots = [c.placeholder_id] * 3 + ids  # without a prefix applied these are just tokens
+    name = tiny.hook_name(1)
     with torch.no_grad():
-        clean = tiny.bridge(tiny.as_tensor(ids))
+        clean = tiny.capture(tiny.as_tensor(starts_like_slots), [name])[name]
+        plain_score = score_responses(tiny, [ids], [answer], Task(question="Calm?")).scores
         with c.applied(tiny):
-            again = tiny.bridge(tiny.as_tensor(ids))  # no placeholder at the start: untouched
+            with pytest.raises(InputError, match="does not declare"):  # a raw forward is refused, not guessed
+                tiny.bridge(tiny.as_tensor(ids))
+            prefixed = tiny.capture(tiny.as_tensor(ids), [name])[name]  # slots placed and replaced
+            score = score_responses(tiny, [ids], [answer], Task(question="Calm?")).scores
+        assert tiny.prefix is None
+        again = tiny.capture(tiny.as_tensor(starts_like_slots), [name])[name]
+    assert prefixed.shape == clean.shape and not torch.allclose(prefixed, clean, atol=1e-3)
     torch.testing.assert_close(again, clean)
+    assert not torch.allclose(score, plain_score, atol=1e-6)  # scoring under the prefix honours it
     with c.applied(tiny), pytest.raises(InputError, match="already applied"), c.applied(tiny):
         pass
 
@@ -74,12 +92,12 @@ def test_save_load_round_trip_and_refuses_other_model(tiny, tiny_mha, tmp_path):
     assert all(torch.equal(back.residuals[k], c.residuals[k]) for k in c.residuals)
     assert back.meta["training"]["task"] == "angry2peaceful" and back.n_tokens == 3
     assert back.model_id == c.model_id and back.layers == c.layers
-    ids = tiny.as_tensor([c.placeholder_id] * c.n_tokens + tiny.chat_ids("hi"))
+    ids = tiny.as_tensor(tiny.chat_ids("hi"))
     with torch.no_grad():
         with back.applied(tiny):
-            loaded = tiny.bridge(ids)
+            loaded = tiny.run_with_cache(ids, names_filter=[])[0]
         with c.applied(tiny):
-            original = tiny.bridge(ids)
+            original = tiny.run_with_cache(ids, names_filter=[])[0]
     torch.testing.assert_close(loaded, original)
     with pytest.raises(IncompatibleArtifactError, match="tiny-random"):
         PrefixController.load(tmp_path / "c", tiny_mha)

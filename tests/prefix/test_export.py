@@ -103,10 +103,11 @@ def test_prefix_key_values_are_the_workbench_cache(tiny):
     table = prefix_key_values(c, tiny)
     kv_dim = tiny.config.num_key_value_heads * (tiny.d_model // tiny.config.num_attention_heads)
     assert table.shape == (3, tiny.n_layers * 2 * kv_dim)
-    ids = tiny.as_tensor([c.placeholder_id] * 3 + tiny.chat_ids("hello"))
     cache = DynamicCache()
     with torch.no_grad(), c.applied(tiny):
-        tiny.bridge(ids, past_key_values=cache)
+        ids, _, layout = tiny.rows_layout(tiny.as_tensor(tiny.chat_ids("hello")))  # the prefix's slots first
+        with tiny.declared(layout):
+            tiny.bridge(ids, past_key_values=cache)
     layer = 2
     keys = table.view(3, tiny.n_layers * 2, -1)[:, 2 * layer].view(3, tiny.config.num_key_value_heads, -1)
     torch.testing.assert_close(keys.transpose(0, 1), cache.layers[layer].keys[0, :, :3])

@@ -9,10 +9,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workbench.errors import IncompatibleArtifactError, InputError
+import workbench as wb
+from workbench.errors import (
+    IncompatibleArtifactError,
+    InputError,
+    ResumeMismatchError,
+    RunLockedError,
+)
 from workbench.prefix.synthesis import INDEX, capture_states, load_records, read_index, synthesize
 from workbench.selfcontrol.control import Control
 from workbench.selfcontrol.search import SelfControlConfig
+from workbench.selfcontrol.tasks import get_task
 
 FAST = SelfControlConfig(iterations=1, n_steps=2, max_new_tokens=3, progress=False)
 
@@ -40,9 +47,9 @@ def test_synthesize_writes_records_and_resumes(tiny, tmp_path):
         assert torch.equal(r.hidden, capture_states(tiny, r.prompt_ids, control=r.control))
         for key in ("initial_score", "score", "nll", "original_nll", "shift_fraction", "control_norm"):
             assert key in r.info
-    first_keys = [e["key"] for e in read_index(out)[0]]
+    first_keys = [e["key"] for e in read_index(out)]
     synthesize(tiny, "angry2peaceful", "train", out, limit=3, config=FAST, progress=False)
-    entries = read_index(out)[0]
+    entries = read_index(out)
     assert [e["key"] for e in entries][:2] == first_keys and len(entries) == 3  # the first two were not redone
     assert [e["index"] for e in entries] == [0, 1, 2]
 
@@ -59,12 +66,37 @@ def test_synthesize_refuses_other_settings_and_models(tiny, tiny_mha, tmp_path):
         load_records(out, tiny_mha)
 
 
+def test_synthesize_refuses_another_split_prompt_or_dtype_and_restart_starts_over(tiny, tmp_path):
+    """Issue 11.1: `--split test` into a `--split train` folder appended test prompts that training then used."""
+    out = synthesize(tiny, "angry2peaceful", "train", tmp_path / "d", limit=1, config=FAST, progress=False)
+    with pytest.raises(ResumeMismatchError, match="split: 'train' stored vs 'test' now") as caught:
+        synthesize(tiny, "angry2peaceful", "test", out, limit=1, config=FAST, progress=False)
+    assert "another --out" in str(caught.value) and "--restart" in str(caught.value)
+    with pytest.raises(ResumeMismatchError, match="prompts.0: "):  # a list whose first prompt is another
+        synthesize(tiny, "angry2peaceful", ["something else"], out, config=FAST, progress=False)
+    half = wb.load_model("tiny-random", dtype=torch.bfloat16, progress=False)
+    with pytest.raises(ResumeMismatchError, match="model.dtype: 'float32' stored vs 'bfloat16' now"):
+        synthesize(half, "angry2peaceful", "train", out, limit=1, config=FAST, progress=False)
+    assert len(read_index(out)) == 1  # nothing was appended by the refused runs
+    synthesize(tiny, "angry2peaceful", "test", out, limit=1, config=FAST, progress=False, restart=True)
+    manifest, records = load_records(out, tiny)
+    assert manifest["split"] == "test" and [r.prompt for r in records] == get_task("angry2peaceful").split("test")[:1]
+
+
+def test_a_second_writer_of_a_synthesis_folder_is_refused(tiny, tmp_path):
+    from workbench.store import folder_lock
+
+    out = tmp_path / "d"
+    with folder_lock(out):  # another run holds the folder
+        with pytest.raises(RunLockedError, match="being written by another process"):
+            synthesize(tiny, "angry2peaceful", ["hi"], out, config=FAST, progress=False)
+
+
 def test_torn_last_index_line_is_ignored_and_cut(tiny, tmp_path):
     out = synthesize(tiny, "angry2peaceful", ["one", "two"], tmp_path / "d", config=FAST, progress=False)
     with open(out / INDEX, "a") as f:
         f.write('{"key": "00001-torn", "prom')
-    entries, _ = read_index(out)
-    assert len(entries) == 2
+    assert len(read_index(out)) == 2
     synthesize(tiny, "angry2peaceful", ["one", "two", "three"], out, config=FAST, progress=False)
     lines = (out / INDEX).read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(line) for line in lines)
@@ -109,7 +141,7 @@ def test_synthesis_survives_sigkill(tiny, tmp_path):
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(limit)], capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    done_before, _ = read_index(out)
+    done_before = read_index(out)
     assert len(done_before) == 2  # the prompt in flight (its record written, its index line not) is lost
     assert _all_files_load(out) >= len(done_before)
     _, records = load_records(out, tiny)
@@ -117,7 +149,7 @@ def test_synthesis_survives_sigkill(tiny, tmp_path):
     stamps = {e["key"]: (out / "records" / e["key"] / "tensors.safetensors").stat().st_mtime_ns for e in done_before}
 
     synthesize(tiny, "angry2peaceful", "train", out, limit=limit, config=FAST, progress=False)
-    entries, _ = read_index(out)
+    entries = read_index(out)
     keys = [e["key"] for e in entries]
     assert len(entries) == limit and len(set(keys)) == limit
     assert keys[: len(done_before)] == [e["key"] for e in done_before]
@@ -125,3 +157,18 @@ def test_synthesis_survives_sigkill(tiny, tmp_path):
         assert (out / "records" / key / "tensors.safetensors").stat().st_mtime_ns == stamp
     assert not list((out / "records").glob(".tmp-*"))
     _all_files_load(out)
+
+
+def test_synthesis_records_do_not_depend_on_the_batch_of_prompts(tiny, tmp_path):
+    """Batched searches (several prompts at once) write the records one-at-a-time searches write."""
+    cfg = SelfControlConfig(iterations=2, n_steps=2, max_new_tokens=4, progress=False)
+    one = read_index(synthesize(tiny, "angry2peaceful", "train", tmp_path / "one", limit=3, config=cfg,
+                                batch_size=1, progress=False))
+    three = read_index(synthesize(tiny, "angry2peaceful", "train", tmp_path / "three", limit=3, config=cfg,
+                                  batch_size=3, progress=False))
+    for a, b in zip(one, three, strict=True):
+        assert (a["key"], a["response"], a["original_response"]) == (b["key"], b["response"], b["original_response"])
+        assert a["iterations_accepted"] == b["iterations_accepted"]
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+    with pytest.raises(InputError, match="batch_size"):
+        synthesize(tiny, "angry2peaceful", "train", tmp_path / "zero", limit=1, config=cfg, batch_size=0)

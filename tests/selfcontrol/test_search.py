@@ -1,9 +1,10 @@
 import json
 
 import pytest
+import torch
 
 import workbench as wb
-from workbench.selfcontrol.search import SelfControlConfig, self_control
+from workbench.selfcontrol.search import SelfControlConfig, self_control, self_control_many
 from workbench.selfcontrol.tasks import Task, get_task
 
 # On the tiny random model these cases accept candidates at several step sizes (found by search, deterministic).
@@ -111,3 +112,92 @@ def test_settings_that_would_run_another_search_are_refused(settings, message):
 def test_a_repeated_layer_is_refused_by_the_search(tiny):
     with pytest.raises(wb.InputError, match="given more than once"):
         self_control(tiny, "Hi", CASES[0][0], layers=(1, 1), **TINY)
+
+
+MANY = ["What is love?", "Hi", "Tell me a long story about the sea and the ships on it, please."]
+
+
+def _same_steps(single, many):
+    from workbench.selfcontrol.search import compare_searches
+
+    counts = [compare_searches(s, m) for s, m in zip(single, many, strict=True)]
+    assert all(c["different"] == 0 for c in counts), counts
+    return counts
+
+
+def test_many_prompts_accept_the_same_steps_as_one_at_a_time(tiny_any):
+    """Batched across prompts of different lengths (batch 2 of 3: the third joins mid-run): the same accepted steps,
+    answers and scores as one prompt at a time."""
+    task = CASES[0][0]
+    single = [self_control(tiny_any, p, task, **TINY) for p in MANY]
+    many = self_control_many(tiny_any, MANY, task, batch_size=2, **TINY)
+    counts = _same_steps(single, many)
+    assert sum(c["tie"] for c in counts) == 0  # no near-ties on these prompts: the equality below is exact
+    assert sum(r.iterations_accepted for r in many) >= 2
+    for s, m in zip(single, many, strict=True):
+        assert m.prompt == s.prompt and m.prompt_ids == s.prompt_ids
+        assert m.original_ids == s.original_ids and m.response_ids == s.response_ids
+        assert m.score == pytest.approx(s.score, abs=1e-4) and m.initial_score == pytest.approx(s.initial_score, abs=1e-4)
+        assert len(m.iterations) == len(s.iterations)
+        for a, b in zip(m.iterations, s.iterations, strict=True):
+            assert [c.response_ids for c in a.candidates] == [c.response_ids for c in b.candidates]
+        for name in s.control.hook_names:
+            torch.testing.assert_close(m.control.deltas[name], s.control.deltas[name], atol=1e-4, rtol=1e-3)
+
+
+def test_many_prompts_are_deterministic_whatever_the_batch_size_including_sampling(tiny):
+    task = CASES[1][0]
+    runs = [self_control_many(tiny, MANY, task, batch_size=b, do_sample=True, seed=5, **TINY) for b in (1, 3)]
+    for other in runs[1:]:
+        assert [_trajectory(r) for r in other] == [_trajectory(r) for r in runs[0]]
+    assert self_control(tiny, MANY[2], task, do_sample=True, seed=5, **TINY).response_ids == runs[0][2].response_ids
+
+
+def test_out_of_memory_halves_the_batch_and_continues(tiny, monkeypatch):
+    from workbench.selfcontrol import search
+
+    task = CASES[0][0]
+    expected = self_control_many(tiny, MANY, task, batch_size=3, **TINY)
+    real, sizes = search._round_unguarded, []
+
+    def flaky(model, cfg, steps, suffixes, names, active):
+        sizes.append(len(active))
+        if len(active) > 1:  # the device "runs out" until the batch is small enough
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, cfg, steps, suffixes, names, active)
+
+    monkeypatch.setattr(search, "_round_unguarded", flaky)
+    with pytest.warns(UserWarning, match="continuing with 1"):
+        got = self_control_many(tiny, MANY, task, batch_size=3, **TINY)
+    assert sizes[0] == 3 and max(sizes[1:]) == 1
+    assert [_trajectory(r) for r in got] == [_trajectory(r) for r in expected]
+    monkeypatch.setattr(search, "_round_unguarded", lambda *a: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # a batch of one that does not fit is the user's to see
+        self_control_many(tiny, MANY[:1], task, batch_size=4, **TINY)
+
+
+def test_many_refuses_bad_input(tiny):
+    with pytest.raises(wb.InputError, match="list of prompts"):
+        self_control_many(tiny, "one prompt", CASES[0][0], **TINY)
+    with pytest.raises(wb.InputError, match="batch_size"):
+        self_control_many(tiny, MANY, CASES[0][0], batch_size=0, **TINY)
+    assert self_control_many(tiny, [], CASES[0][0], **TINY) == []
+
+
+@pytest.mark.embedded
+def test_embedded_many_prompts_accept_the_same_steps(embedded):
+    """Three train prompts of angry2peaceful: batched accepts the same step as one prompt at a time (ties count either way)."""
+    task = get_task("angry2peaceful")
+    prompts = task.split("train")[:3]
+    single = [self_control(embedded, p, task, progress=False) for p in prompts]
+    many = self_control_many(embedded, prompts, task, batch_size=3, progress=False)
+    counts = _same_steps(single, many)
+    print("same/tie per prompt:", counts)
+    for s, m in zip(single, many, strict=True):
+        assert m.gain == pytest.approx(s.gain, abs=2e-3) or any(c["tie"] for c in counts)
+
+
+def test_default_batch_on_cpu_is_the_measured_best(tiny):
+    from workbench.selfcontrol.search import CPU_BATCH_PROMPTS, default_batch_prompts
+
+    assert tiny.device.type == "cpu" and default_batch_prompts(tiny) == CPU_BATCH_PROMPTS >= 1

@@ -162,3 +162,23 @@ def test_a_repeated_layer_is_refused_before_the_gradient(tiny):
     prompt, response = _case(tiny)
     with pytest.raises(wb.InputError, match=r"layer\(s\) \[1\] given more than once"):
         suffix_gradients(tiny, prompt, response, TASK, layers=[1, 0, 1])
+
+
+def test_gradients_of_many_prompts_in_one_backward_equal_one_at_a_time(tiny_any):
+    """Rows = prompts x suffixes, prompts of different lengths, each under its own control: each prompt's own gradient."""
+    from workbench.selfcontrol.suffix import suffix_gradients_many
+
+    prompt, response = _case(tiny_any)
+    other = tiny_any.chat_ids("Hi")
+    suffixes = TASK.compile(tiny_any, TASK.questions(paraphrases=True))
+    control = suffix_gradients(tiny_any, prompt, response, suffixes).step(-0.05)
+    prompts, responses = [prompt, other], [response, tiny_any.encode("Hello there, friend.")]
+    many = suffix_gradients_many(tiny_any, prompts, responses, suffixes, controls=[control, None])
+    for got, p, r, c in zip(many, prompts, responses, [control, None], strict=True):
+        one = suffix_gradients(tiny_any, p, r, suffixes, control=c)
+        assert got.score == pytest.approx(one.score, abs=1e-5) and got.loss == pytest.approx(one.loss, abs=1e-5)
+        torch.testing.assert_close(got.resid_norms, one.resid_norms, atol=1e-4, rtol=1e-4)
+        for n in one.hook_names:
+            torch.testing.assert_close(got.grads[n], one.grads[n], atol=1e-6, rtol=1e-3)
+    with pytest.raises(wb.InputError, match="belongs to"):  # a control for another prompt is refused
+        suffix_gradients_many(tiny_any, prompts, responses, suffixes, controls=[None, control])

@@ -29,7 +29,7 @@ from ..selfcontrol.control import Control, layer_of
 from ..selfcontrol.search import SelfControlConfig, SelfControlResult, evaluate_controls
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import Task, get_task
-from .control_cache import CachedResult, analysis_config, cached_self_control
+from .control_cache import CachedResult, analysis_config, cached_self_control_many
 from .directions import cosine_matrix, plot_cosine_matrix, steering_direction
 
 if TYPE_CHECKING:
@@ -311,6 +311,7 @@ def suffix_ablation(
     position: str = "last",
     cache_root: str | None = None,
     progress: bool = True,
+    batch_prompts: int | None = None,
     **overrides: Any,
 ) -> SuffixAblation:
     """Compare the task's wordings (default: its question and paraphrases) on ``prompts``."""
@@ -325,13 +326,14 @@ def suffix_ablation(
     main_suffix = task.compile(model, [variants[0].question])
     cos, init, final, main, responses = [], [], [], [], []
     layers: list[int] = []
-    bar = tqdm(total=len(prompts) * len(variants), desc=f"suffix ablation [{task.id}]", disable=not progress, leave=False)
-    for prompt in prompts:
-        ids = model.chat_ids(prompt)
-        runs = []
-        for variant in variants:
-            runs.append(cached_self_control(model, ids, variant, cfg, root=cache_root))
-            bar.update()
+    ids_of = [model.chat_ids(p) for p in prompts]
+    # every wording's searches of all prompts together (batched across prompts)
+    per_variant = [cached_self_control_many(model, ids_of, variant, cfg, root=cache_root, batch_size=batch_prompts,
+                                            progress=progress) for variant in variants]
+    bar = tqdm(total=len(prompts), desc=f"suffix ablation [{task.id}]", disable=not progress, leave=False)
+    for p_index, ids in enumerate(ids_of):
+        runs = [records[p_index] for records in per_variant]
+        bar.update()
         response = runs[0].original_ids  # the answer every wording's search starts from (main question's branch)
         dirs = []
         for variant in variants:

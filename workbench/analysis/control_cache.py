@@ -3,18 +3,22 @@
 A search costs seconds to minutes per prompt, and every study (norm
 patterns, directions, RepE cosine, ablations, notebooks) starts from the
 same found controls. The cache key is everything the result depends on:
-model id and dtype, the task's text (id, questions, answers), the prompt's
-token ids and the :class:`SelfControlConfig` (``progress`` excluded). Each
+the model (:func:`workbench.store.model_fingerprint`: id, weights, dtype,
+device type, chat template), the task's text (id, questions, answers), the
+prompt's token ids, the :class:`SelfControlConfig` (``progress`` excluded) and
+:data:`~workbench.selfcontrol.search.SEARCH_VERSION`, so a fix to the search
+stops old controls from being served. A record's ``prompt`` is the text the
+user gave, also when the call passed token ids. Each
 entry lives in ``$WORKBENCH_HOME/controls/<hash>/``: the best control
 (``Control.save``), the controls of accepted iterations, and ``result.json``
 (scores, token ids, responses, first-iteration gradient norms). Entries are
 written to a temporary folder and renamed, so an interrupted run leaves no
-half-written entry.
+half-written entry; a damaged entry (unreadable result, truncated tensors) is
+recomputed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,21 +32,25 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from ..errors import IncompatibleArtifactError
 from ..model.loading import workbench_home
 from ..selfcontrol.control import Control, layer_of
 from ..selfcontrol.search import (
+    SEARCH_VERSION,
     SelfControlConfig,
     SelfControlResult,
     config_dict,
     resolve_config,
     self_control,
+    self_control_many,
 )
 from ..selfcontrol.tasks import Task, get_task
+from ..store import atomic_write_json, fingerprint_hash, model_fingerprint
 
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 RESULT = "result.json"
 
 #: How many searches ran (``computed``) and how many entries were read back (``loaded``)
@@ -112,17 +120,41 @@ def analysis_config(config: SelfControlConfig | None = None, **overrides: Any) -
 
 
 def cache_key(model: HookedChatModel, prompt_ids: Sequence[int], task: Task, config: SelfControlConfig) -> str:
-    """SHA-256 (first 24 hex digits) of model id, dtype, task text, prompt ids and settings."""
-    payload = {
+    """SHA-256 (first 24 hex digits) of the model's fingerprint, task text, prompt ids, settings and search version."""
+    return fingerprint_hash({
         "format": CACHE_FORMAT,
-        "model_id": model.model_id,
-        "dtype": str(model.dtype),
+        "search_version": SEARCH_VERSION,
+        "model": model_fingerprint(model),
         "task": task.judge_dict(),
         "prompt_ids": [int(i) for i in prompt_ids],
         "config": config_dict(config),
-    }
-    blob = json.dumps(payload, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
+    })[:24]
+
+
+def user_text(model: HookedChatModel, prompt: str | Sequence[int]) -> str:
+    """The user's message: ``prompt`` itself, or recovered from chat ids made by ``model.chat_ids(text)``.
+
+    Why: a record's prompt appears in studies' tables and plot titles; a call
+    with ids must not store the decoded chat template ("system\\nYou are a
+    helpful AI assistant..."). Ids that are not one plain user turn (a system
+    message, history) keep their decoded text.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    ids = [int(i) for i in prompt]
+    marker = "\x00USER\x00"
+    rendered = model.render([{"role": "user", "content": marker}], add_generation_prompt=True)
+    if rendered.count(marker) == 1:
+        head, tail = rendered.split(marker)
+        text = model.tokenizer.decode(ids, skip_special_tokens=False)
+        if text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail):
+            candidate = text[len(head): len(text) - len(tail)]
+            try:
+                if candidate.strip() and model.chat_ids(candidate) == ids:
+                    return candidate
+            except ValueError:  # InputError (too long, empty): not a plain turn
+                pass
+    return model.decode(ids)
 
 
 def cache_root(root: str | Path | None = None) -> Path:
@@ -165,7 +197,7 @@ def _write(record: CachedResult, folder: Path) -> None:
             grad_norms=record.grad_norms.tolist(), hook_names=record.hook_names, config=record.config,
             seconds=record.seconds,
         )
-        (tmp / RESULT).write_text(json.dumps(data))
+        atomic_write_json(tmp / RESULT, data)
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
@@ -186,8 +218,8 @@ def _read(folder: Path, model: HookedChatModel) -> CachedResult | None:
             if step is not None:
                 previous = Control.load(folder / "trajectory" / str(i), model)
             trajectory.append(previous)
-    except (OSError, ValueError, KeyError):
-        return None  # missing or damaged: recompute
+    except (OSError, ValueError, KeyError, TypeError, IncompatibleArtifactError):
+        return None  # missing or damaged (e.g. truncated tensors: CorruptArtifactError): recompute
     return CachedResult(
         task_id=data["task"], prompt=data["prompt"], prompt_ids=data["prompt_ids"], original_ids=data["original_ids"],
         original_response=data["original_response"], response_ids=data["response_ids"],
@@ -224,8 +256,42 @@ def cached_self_control(
     folder = cache_root(root) / key
     stats["computed"] += 1
     record = _record(result, key, cfg)
+    record.prompt = user_text(model, prompt)
     _write(record, folder)
     return record
+
+
+def cached_self_control_many(
+    model: HookedChatModel,
+    prompts: Sequence[str | Sequence[int]],
+    task: Task | str,
+    config: SelfControlConfig | None = None,
+    *,
+    root: str | Path | None = None,
+    refresh: bool = False,
+    batch_size: int | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[CachedResult]:
+    """:func:`cached_self_control` of several prompts: the cached ones are read, the others searched together.
+
+    The missing prompts go through :func:`~workbench.selfcontrol.search.self_control_many`
+    (``batch_size`` prompts at once), whose results mean the same as one search per prompt.
+    """
+    cfg = resolve_config(config, **overrides)
+    task = get_task(task)
+    records: list[CachedResult | None] = [None if refresh else lookup(model, p, task, cfg, root=root) for p in prompts]
+    missing = [i for i, r in enumerate(records) if r is None]
+    if missing:
+        results = self_control_many(model, [prompts[i] for i in missing], task, cfg, batch_size=batch_size,
+                                    progress=progress)
+        for i, result in zip(missing, results, strict=True):
+            key = cache_key(model, result.prompt_ids, task, cfg)
+            stats["computed"] += 1
+            record = records[i] = _record(result, key, cfg)
+            record.prompt = user_text(model, prompts[i])
+            _write(record, cache_root(root) / key)
+    return [r for r in records if r is not None]
 
 
 def clear_cache(root: str | Path | None = None) -> int:
@@ -256,4 +322,5 @@ def lookup(
     record = _read(folder, model) if folder.is_dir() else None
     if record is not None:
         stats["loaded"] += 1
+        record.prompt = user_text(model, prompt) if isinstance(prompt, str) else record.prompt
     return record

@@ -26,8 +26,13 @@ from tqdm.auto import tqdm
 from .. import plotting
 from ..errors import InputError
 from ..selfcontrol.control import Control, layer_of
-from ..selfcontrol.search import SelfControlConfig, evaluate_controls, resolve_config
-from ..selfcontrol.suffix import suffix_gradients
+from ..selfcontrol.search import (
+    SelfControlConfig,
+    default_batch_prompts,
+    evaluate_many,
+    resolve_config,
+)
+from ..selfcontrol.suffix import suffix_gradients_many
 from ..selfcontrol.tasks import Task, get_task
 from .control_cache import CachedResult, analysis_config, lookup
 
@@ -143,32 +148,63 @@ def steering_direction(
     position: Position = "last",
 ) -> tuple[Float[Tensor, "layer d_model"], list[str], float]:
     """Unit ``-grad`` of the suffix loss at every hook of ``config`` for one (prompt, response); and the score."""
+    return steering_directions(model, [prompt_ids], [response_ids], task, config=config, position=position)[0]
+
+
+def steering_directions(
+    model: HookedChatModel,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    task: Task | str,
+    *,
+    config: SelfControlConfig | None = None,
+    position: Position = "last",
+    batch_prompts: int | None = None,
+) -> list[tuple[Float[Tensor, "layer d_model"], list[str], float]]:
+    """:func:`steering_direction` of several (prompt, response) pairs, ``batch_prompts`` per forward and backward."""
     cfg = resolve_config(config)
     task = get_task(task)
-    suffixes = task.compile(model, task.questions(cfg.paraphrases))
-    grads = suffix_gradients(model, prompt_ids, response_ids, suffixes, loss=cfg.loss, point=cfg.point,
-                             layers=cfg.layers, clip=None, temperature=cfg.score_temperature)
-    stacked = torch.stack([g.float().to(model.device) for g in grads.grads.values()])  # [layer, pos, d]
-    if position == "last":
-        vec = stacked[:, -1]
-    elif position == "mean":
-        vec = unit(stacked).mean(1)
-    else:
+    if position not in ("last", "mean"):
         raise InputError(f"position must be 'last' or 'mean', not {position!r}")
-    return unit(-vec).cpu(), grads.hook_names, grads.score
+    suffixes = task.compile(model, task.questions(cfg.paraphrases))
+    size = batch_prompts or default_batch_prompts(model)
+    out = []
+    for start in range(0, len(prompts), size):
+        for grads in suffix_gradients_many(model, prompts[start:start + size], responses[start:start + size], suffixes,
+                                           loss=cfg.loss, point=cfg.point, layers=cfg.layers, clip=None,
+                                           temperature=cfg.score_temperature):
+            stacked = torch.stack([g.float().to(model.device) for g in grads.grads.values()])  # [layer, pos, d]
+            vec = stacked[:, -1] if position == "last" else unit(stacked).mean(1)
+            out.append((unit(-vec).cpu(), grads.hook_names, grads.score))
+    return out
 
 
 def original_response(
     model: HookedChatModel, prompt_ids: Sequence[int], task: Task, cfg: SelfControlConfig, cache_root: str | None = None
 ) -> list[int]:
     """The uncontrolled response SelfControl starts from: from the cache, else generated as the search does."""
-    record = lookup(model, prompt_ids, task, cfg, root=cache_root)
-    if record is not None:
-        return list(record.original_ids)
-    zero = Control.zeros(model, len(prompt_ids), model.hook_names(cfg.layers, cfg.point))
+    return original_responses(model, [prompt_ids], task, cfg, cache_root)[0]
+
+
+def original_responses(
+    model: HookedChatModel, prompts: Sequence[Sequence[int]], task: Task, cfg: SelfControlConfig,
+    cache_root: str | None = None, batch_prompts: int | None = None,
+) -> list[list[int]]:
+    """:func:`original_response` of several prompts: the uncached ones generated together (each with the search's seed)."""
+    out: list[list[int] | None] = []
+    for ids in prompts:
+        record = lookup(model, ids, task, cfg, root=cache_root)
+        out.append(list(record.original_ids) if record is not None else None)
+    missing = [i for i, r in enumerate(out) if r is None]
+    names = model.hook_names(cfg.layers, cfg.point)
     suffixes = task.compile(model, task.questions(cfg.paraphrases))
-    options = evaluate_controls(model, list(prompt_ids), [zero], suffixes, cfg, cfg.seed)[0]
-    return list(options[0][0])  # the best-scoring branch, as the search starts from
+    size = batch_prompts or default_batch_prompts(model)
+    for start in range(0, len(missing), size):
+        chunk = missing[start:start + size]
+        jobs = [(list(prompts[i]), [Control.zeros(model, list(prompts[i]), names)], cfg.seed) for i in chunk]
+        for i, options in zip(chunk, evaluate_many(model, jobs, suffixes, cfg), strict=True):
+            out[i] = list(options[0][0][0])  # the best-scoring branch, as the search starts from
+    return [list(r) for r in out if r is not None]
 
 
 def gradient_directions(
@@ -182,12 +218,14 @@ def gradient_directions(
     config: SelfControlConfig | None = None,
     cache_root: str | None = None,
     progress: bool = True,
+    batch_prompts: int | None = None,
     **overrides: Any,
 ) -> GradientDirections:
     """First-iteration steering directions for each task's prompts (default: the first ``n_prompts`` of ``split``).
 
     Responses are the uncontrolled ones SelfControl starts from (read from the control cache when
-    present); no search is run, so this costs one generation (or none) and one backward per prompt.
+    present); no search is run, so this costs one generation (or none) and one backward per prompt,
+    both batched across a task's prompts (``batch_prompts`` at once).
     ``config=None`` means :func:`~workbench.analysis.control_cache.analysis_config`.
     """
     cfg = analysis_config(config, **overrides)
@@ -196,15 +234,17 @@ def gradient_directions(
         raise InputError("no tasks given")
     vectors, task_ids, texts, scores = [], [], [], []
     names: list[str] = []
-    jobs = [(t, p) for t in task_objs for p in (prompts[t.id] if prompts and t.id in prompts else t.split(split)[:n_prompts])]
-    for task, prompt in tqdm(jobs, desc="gradient directions", disable=not progress, leave=False):
-        ids = model.chat_ids(prompt)
-        response = original_response(model, ids, task, cfg, cache_root)
-        vec, names, score = steering_direction(model, ids, response, task, config=cfg, position=position)
-        vectors.append(vec)
-        task_ids.append(task.id)
-        texts.append(prompt)
-        scores.append(score)
+    for task in tqdm(task_objs, desc="gradient directions", disable=not progress, leave=False):
+        task_prompts = list(prompts[task.id] if prompts and task.id in prompts else task.split(split)[:n_prompts])
+        ids = [model.chat_ids(p) for p in task_prompts]
+        responses = original_responses(model, ids, task, cfg, cache_root, batch_prompts)
+        found = steering_directions(model, ids, responses, task, config=cfg, position=position, batch_prompts=batch_prompts)
+        for prompt, (vec, hook_names, score) in zip(task_prompts, found, strict=True):
+            names = hook_names
+            vectors.append(vec)
+            task_ids.append(task.id)
+            texts.append(prompt)
+            scores.append(score)
     return GradientDirections(model.model_id, names, task_ids, texts, torch.stack(vectors), scores, position)
 
 

@@ -39,7 +39,7 @@ from ..errors import InputError
 from ..selfcontrol.control import Control
 from ..selfcontrol.search import SelfControlConfig
 from ..selfcontrol.tasks import Task, get_task
-from .control_cache import CachedResult, analysis_config, cached_self_control
+from .control_cache import CachedResult, analysis_config, cached_self_control_many
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -224,11 +224,13 @@ def analyze_norms(
     use_cache: bool = True,
     cache_root: str | None = None,
     progress: bool = True,
+    batch_prompts: int | None = None,
     **overrides: Any,
 ) -> NormPattern:
     """Norm pattern of ``task`` over ``prompts`` (default: the first ``n_prompts`` of ``split``).
 
-    Controls come from :func:`~workbench.analysis.control_cache.cached_self_control`, so a second call with the same
+    Controls come from :func:`~workbench.analysis.control_cache.cached_self_control_many` (the prompts not cached yet
+    are searched together, ``batch_prompts`` at once), so a second call with the same
     model, task, prompts and settings does not search again. ``model=None`` loads the embedded model;
     ``config=None`` means :func:`~workbench.analysis.control_cache.analysis_config` (``overrides`` apply on top).
     """
@@ -244,8 +246,9 @@ def analyze_norms(
     records: list[CachedResult] = []
     measures: dict[str, list[np.ndarray]] = {m: [] for m in MEASURES}
     positions = []
-    for prompt in tqdm(prompts, desc=f"norm pattern [{task.id}]", disable=not progress, leave=False):
-        record = cached_self_control(model, prompt, task, cfg, root=cache_root, refresh=not use_cache)
+    searched = cached_self_control_many(model, prompts, task, cfg, root=cache_root, refresh=not use_cache,
+                                        batch_size=batch_prompts, progress=progress)
+    for record in tqdm(searched, desc=f"norm pattern [{task.id}]", disable=not progress, leave=False):
         records.append(record)
         raw = record.raw_grad_norms.float()
         clean = residuals_at_last_token(model, record.prompt_ids, record.hook_names)

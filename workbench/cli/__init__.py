@@ -64,6 +64,25 @@ def number_list(text: str) -> list[float]:
     return values
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def batch_prompts_option(parser: argparse.ArgumentParser) -> None:
+    """``--batch-prompts N``: prompts SelfControl searches at once (commands that search many prompts)."""
+    parser.add_argument("--batch-prompts", type=positive_int, default=None, metavar="N",
+                        help="prompts searched together in one batch (default: from free GPU memory on CUDA, "
+                             "8 on CPU, the measured best); results do not depend on it. With --ray each worker searches "
+                             "its chunk (--ray-chunk) as one batch")
+
+
 def common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=None, help="hub id, local folder or 'tiny-random' (default: embedded SmolLM2-135M-Instruct)")
@@ -88,15 +107,51 @@ def _json_option(value: str | None, flag: str) -> object:
     return {int(k) if k.isdigit() else k: v for k, v in data.items()}  # accelerate names GPUs by index
 
 
+def load_args(args: argparse.Namespace) -> dict[str, object]:
+    """``load_model``'s keyword arguments from the common options (a Ray worker loads the model from these)."""
+    max_memory = _json_option(args.max_memory, "--max-memory")
+    if isinstance(max_memory, str):
+        raise InputError("--max-memory takes a JSON object, e.g. '{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}'")
+    return {"name": args.model, "device": args.device, "dtype": args.dtype, "progress": not args.json,
+            "device_map": _json_option(args.device_map, "--device-map"), "max_memory": max_memory}
+
+
 def load(args: argparse.Namespace):
     """The model named by the common options."""
     from ..model.loading import load_model
 
-    max_memory = _json_option(args.max_memory, "--max-memory")
-    if isinstance(max_memory, str):
-        raise InputError("--max-memory takes a JSON object, e.g. '{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}'")
-    return load_model(args.model, device=args.device, dtype=args.dtype, progress=not args.json,
-                      device_map=_json_option(args.device_map, "--device-map"), max_memory=max_memory)
+    return load_model(**load_args(args))
+
+
+def ray_options(parser: argparse.ArgumentParser) -> None:
+    """``--ray [ADDRESS]`` and its knobs (commands that shard prompts over Ray workers)."""
+    group = parser.add_argument_group("Ray (optional extra workbench[distributed])")
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="shard the prompts over Ray workers, each loading the model once (one per GPU): "
+                            "without ADDRESS on a local cluster started for the run; 'auto' joins the cluster "
+                            "`ray start --head` runs on this machine; or host:port")
+    group.add_argument("--ray-workers", type=int, default=None,
+                       help="number of Ray workers (default: one per GPU; without GPUs one per 4 CPUs)")
+    group.add_argument("--ray-chunk", type=int, default=2,
+                       help="most prompts a worker takes at a time (small: better balance; default 2)")
+    group.add_argument("--ray-gpus-per-worker", type=int, default=1,
+                       help="GPUs each worker reserves (a model larger than one GPU: with --device-map auto; default 1)")
+
+
+def ray_settings(args: argparse.Namespace):
+    """The :class:`workbench.distributed.jobs.RaySettings` of ``--ray``, or ``None`` without it (Ray is then never imported)."""
+    if args.ray is None:
+        return None
+    if args.ray_workers is not None and args.ray_workers < 1:
+        raise InputError(f"--ray-workers must be at least 1, got {args.ray_workers}")
+    if args.ray_chunk < 1:
+        raise InputError(f"--ray-chunk must be at least 1, got {args.ray_chunk}")
+    if args.ray_gpus_per_worker < 1:
+        raise InputError(f"--ray-gpus-per-worker must be at least 1, got {args.ray_gpus_per_worker}")
+    from ..distributed.jobs import RaySettings
+
+    return RaySettings(address=None if args.ray == "local" else args.ray, workers=args.ray_workers,
+                       chunk_size=args.ray_chunk, gpus_per_worker=args.ray_gpus_per_worker)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,17 @@ import argparse
 import json
 from pathlib import Path
 
-from . import command, layer_list, load, number_list
+from ..errors import InputError
+from . import (
+    batch_prompts_option,
+    command,
+    layer_list,
+    load,
+    load_args,
+    number_list,
+    ray_options,
+    ray_settings,
+)
 from .control import add_search_options, search_config
 
 
@@ -42,7 +52,12 @@ def _evaluate_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repe-pairs", type=int, default=None, help="contrast pairs the reading vector is fitted on (default: all)")
     parser.add_argument("--config", default=None, help="rerun/resume the run described by an earlier config.json")
     parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary of --out from its results")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the results already in --out and start over (a rerun with other settings is "
+                             "refused without it)")
     add_search_options(parser)  # selfcontrol's knobs; --max-new-tokens, --seed and --sample apply to every method
+    batch_prompts_option(parser)
+    ray_options(parser)
 
 
 @command("evaluate", "compare control methods on held-out prompts with the clean self-judge and independent judges", _evaluate_args)
@@ -56,19 +71,31 @@ def evaluate_command(args: argparse.Namespace) -> int:
         summary = write_summary(args.out)
         print(json.dumps(summary) if args.json else (Path(args.out) / "summary.md").read_text())
         return 0
+    ray = ray_settings(args)
+    if args.config and ray is not None:
+        raise InputError("--ray runs the settings given on the command line; to resume a run on Ray, repeat its "
+                         "command with --ray (the folder's fingerprint checks that the settings are the same)")
     if args.config:
-        result = evaluate_from_config(args.config, model=load(args) if args.model else None, progress=not args.json)
+        result = evaluate_from_config(args.config, model=load(args) if args.model else None, progress=not args.json,
+                                      restart=args.restart)
     else:
         cfg = search_config(args)
         repe = {"coefficients": args.repe_coefficients, "n_select": args.repe_select, "n_pairs": args.repe_pairs,
                 "layers": args.repe_layers if isinstance(args.repe_layers, list) else None}
         tasks = _tasks(args.tasks)
         # bad tasks, methods or prompts fail here, before the model loads
-        build_methods(args.methods, prefix=args.prefix, selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style)
+        build_methods(args.methods, prefix=args.prefix, selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style,
+                      batch_prompts=args.batch_prompts)
         resolve_prompts([get_task(t) for t in tasks], args.prompts, args.limit)
-        result = evaluate(load(args), tasks, args.methods, args.prompts, args.out, prefix=args.prefix,
-                          max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.sample, limit=args.limit,
-                          selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style, progress=not args.json)
+        settings = dict(prefix=args.prefix, max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=args.sample,
+                        limit=args.limit, selfcontrol=cfg, repe=repe, prompt_style=args.prompt_style,
+                        batch_prompts=args.batch_prompts, restart=args.restart, progress=not args.json)
+        if ray is not None:
+            from ..distributed.jobs import evaluate_on_ray
+
+            result = evaluate_on_ray(load_args(args), tasks, args.methods, args.prompts, args.out, ray=ray, **settings)
+        else:
+            result = evaluate(load(args), tasks, args.methods, args.prompts, args.out, **settings)
     if args.json:
         print(json.dumps(result.summary))
     else:

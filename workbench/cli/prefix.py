@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import command, layer_list, load
+from . import batch_prompts_option, command, layer_list, load, load_args, ray_options, ray_settings
 from .control import add_search_options, search_config
 
 
@@ -14,7 +14,12 @@ def _synthesize_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="train", help="the task's prompt split to run on (default: train)")
     parser.add_argument("--out", required=True, help="data folder (resumable: a rerun skips finished prompts)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the split")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the data already in --out and start over (a rerun with other settings is refused "
+                             "without it)")
     add_search_options(parser)
+    batch_prompts_option(parser)
+    ray_options(parser)
 
 
 @command("synthesize", "run SelfControl on a task's prompts and store controlled hidden states (resumable)", _synthesize_args)
@@ -24,9 +29,16 @@ def synthesize_cmd(args: argparse.Namespace) -> int:
 
     config, task = search_config(args), get_task(args.task)
     task.split(args.split)  # refuses an unknown split before the model loads
-    model = load(args)
-    folder = synthesize(model, task, args.split, args.out, limit=args.limit, config=config, progress=not args.json)
-    entries, _ = read_index(folder)
+    ray = ray_settings(args)
+    if ray is not None:
+        from ..distributed.jobs import synthesize_on_ray
+
+        folder = synthesize_on_ray(load_args(args), task, args.split, args.out, limit=args.limit, config=config,
+                                   restart=args.restart, ray=ray, progress=not args.json)
+    else:
+        folder = synthesize(load(args), task, args.split, args.out, limit=args.limit, config=config,
+                            restart=args.restart, batch_size=args.batch_prompts, progress=not args.json)
+    entries = read_index(folder)
     gains = [e["gain"] for e in entries]
     summary = {"out": str(folder), "records": len(entries), "improved": sum(g > 0 for g in gains),
                "mean_gain": sum(gains) / len(gains) if gains else None}

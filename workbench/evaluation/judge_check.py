@@ -13,7 +13,6 @@ task: an AUC near 0.5 means the search is steering toward noise.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from .. import plotting
 from ..errors import InputError
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import Task, get_task, list_tasks
+from ..store import atomic_write, atomic_write_json
 from .judges import roc_auc
 
 if TYPE_CHECKING:
@@ -176,8 +176,8 @@ class JudgeCheck:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / "judge_check.json", "markdown": out / "judge_check.md", "plot": out / "judge_check.png"}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=2))
-        paths["markdown"].write_text(f"Judge check on `{self.model_id}`\n\n{self.table()}\n")
+        atomic_write_json(paths["json"], self.to_dict())
+        atomic_write(paths["markdown"], f"Judge check on `{self.model_id}`\n\n{self.table()}\n")
         self.plot(paths["plot"])
         return paths
 

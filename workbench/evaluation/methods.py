@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ..errors import InputError, WorkbenchError
 from ..selfcontrol.control import Control
 from ..selfcontrol.fluency import is_degenerate
-from ..selfcontrol.search import SelfControlConfig, config_dict, resolve_config, self_control
+from ..selfcontrol.search import SEARCH_VERSION, SelfControlConfig, config_dict, resolve_config
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import Task
 
@@ -99,9 +99,21 @@ class Method:
 
     name: ClassVar[str] = ""
 
+    #: Prompts handed to :meth:`respond_many` at once by the runner (a record is committed per call);
+    #: ``None``: the model's :func:`~workbench.selfcontrol.search.default_batch_prompts`.
+    prompts_per_call: int | None = 1
+
     def settings(self) -> dict[str, Any]:
         """JSON-able settings, recorded in the run's config."""
         return {}
+
+    def fingerprint(self, model: HookedChatModel, tasks: Sequence[Task]) -> dict[str, Any]:
+        """Everything of this method that changes its responses on ``tasks``: settings, plus content it reads.
+
+        The resumable-run fingerprint (:func:`workbench.store.check_fingerprint`) compares it, so it names
+        content (e.g. a controller's hash), never a path that could hold something else tomorrow.
+        """
+        return self.settings()
 
     def prepare(self, model: HookedChatModel, task: Task, decoding: Decoding, *,
                 held_out: Sequence[str] = (), state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -113,6 +125,11 @@ class Method:
 
     def respond(self, model: HookedChatModel, task: Task, prompt: str, decoding: Decoding) -> MethodResponse:
         raise NotImplementedError
+
+    def respond_many(self, model: HookedChatModel, task: Task, prompts: Sequence[str],
+                     decoding: Decoding) -> list[MethodResponse]:
+        """One response per prompt (a method that can batch overrides this)."""
+        return [self.respond(model, task, prompt, decoding) for prompt in prompts]
 
 
 class NoControl(Method):
@@ -136,6 +153,9 @@ class PromptInstruction(Method):
 
     def settings(self) -> dict[str, Any]:
         return {"style": self.style}
+
+    def fingerprint(self, model, tasks):
+        return {**self.settings(), "instructions": {t.id: t.instruction for t in tasks}}
 
     def prompt_ids(self, model: HookedChatModel, task: Task, prompt: str) -> list[int]:
         user, system = task.instructed(prompt, self.style)
@@ -195,6 +215,19 @@ class RepeAddition(Method):
                 "method": self.method, "point": self.point, "fluency_margin": self.fluency_margin,
                 "n_pairs": self.n_pairs}
 
+    def fingerprint(self, model, tasks):
+        """Settings, the layer window, and the data the vector is fitted and its coefficient chosen on."""
+        from ..store import fingerprint_hash
+
+        def data(task: Task) -> str:
+            try:
+                train = task.split("train")
+            except InputError:
+                train = []
+            return fingerprint_hash({"pairs": [asdict(p) for p in task.contrast_pairs], "train": train})
+
+        return {**self.settings(), "window": self.window(model), "data": {t.id: data(t) for t in tasks}}
+
     def window(self, model: HookedChatModel) -> list[int]:
         """The layers the vector is added at (default: the middle third)."""
         if self.layers is not None:
@@ -217,6 +250,12 @@ class RepeAddition(Method):
                                                   method=self.method)
         vector = self._vectors[task.id] = self._fitted[key]
         if state and "coefficient" in state:
+            tuned_on = held & set(state.get("selection_prompts") or ())
+            if tuned_on:
+                raise InputError(
+                    f"repe: the saved coefficient for task {task.id!r} was chosen on prompts that are now evaluated "
+                    f"({sorted(tuned_on)[:3]}{' ...' if len(tuned_on) > 3 else ''}); a method may not be tuned on "
+                    "its test prompts. Evaluate other prompts, or rerun with --restart to choose it again")
             self._chosen[task.id] = float(state["coefficient"])
             return state
         try:
@@ -227,11 +266,9 @@ class RepeAddition(Method):
             raise InputError(f"task {task.id!r} has no train prompts outside the evaluated ones to choose the repe coefficient on")
         suffixes = task.compile(model)
         per_coef: dict[float, dict[str, list]] = {c: {"score": [], "nll": [], "degenerate": []} for c in self.coefficients}
-        # One batch for every (prompt, coefficient): the vector is the same at every position, so a control
-        # as wide as the longest prompt also covers the left padding, which attention masks out anyway.
+        # One batch for every (prompt, coefficient): each row's control covers its own prompt (per-row controls).
         prompt_ids = [model.chat_ids(p) for p in pool]
-        width = max(len(ids) for ids in prompt_ids)
-        controls = [vector.as_control(model, width, c, layers) for _ in pool for c in self.coefficients]
+        controls = [vector.as_control(model, len(ids), c, layers).bind(ids) for ids in prompt_ids for c in self.coefficients]
         rows = [ids for ids in prompt_ids for _ in self.coefficients]
         with Control.stack(controls).applied(model):
             gen = model.generate(rows, **decoding.kwargs())
@@ -269,7 +306,13 @@ class SelfControlMethod(Method):
 
     name = "selfcontrol"
 
-    def __init__(self, config: SelfControlConfig | dict[str, Any] | None = None) -> None:
+    def __init__(self, config: SelfControlConfig | dict[str, Any] | None = None,
+                 batch_prompts: int | None = None) -> None:
+        if batch_prompts is not None and (isinstance(batch_prompts, bool) or not isinstance(batch_prompts, int)
+                                          or batch_prompts < 1):
+            raise InputError(f"selfcontrol: batch_prompts must be an integer >= 1, got {batch_prompts!r}")
+        #: prompts searched together (None: default_batch_prompts of the model); results do not depend on it
+        self.prompts_per_call = batch_prompts
         if isinstance(config, dict):
             try:
                 config = resolve_config(None, **config)
@@ -281,14 +324,24 @@ class SelfControlMethod(Method):
         """The search's settings less the decoding ones, which :class:`Decoding` records for every method."""
         return {k: v for k, v in config_dict(self.config).items() if k not in Decoding.__dataclass_fields__}
 
+    def fingerprint(self, model, tasks):
+        return {**self.settings(), "search_version": SEARCH_VERSION}
+
     def respond(self, model, task, prompt, decoding):
+        return self.respond_many(model, task, [prompt], decoding)[0]
+
+    def respond_many(self, model, task, prompts, decoding):
+        """The searches of ``prompts`` through :func:`workbench.prefix.synthesis.search_prompts` (the one search loop)."""
+        from ..prefix.synthesis import search_prompts
+
         cfg = resolve_config(self.config, **decoding.kwargs(), progress=False)
         start = time.perf_counter()
-        result = self_control(model, prompt, task, cfg)
-        return MethodResponse(result.prompt_ids, list(result.response_ids), time.perf_counter() - start, {
-            "initial_score": result.initial_score, "search_score": result.score, "gain": result.gain,
-            "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
-        })
+        results = search_prompts(model, prompts, task, cfg, batch_size=len(prompts))
+        seconds = (time.perf_counter() - start) / max(1, len(prompts))
+        return [MethodResponse(r.prompt_ids, list(r.response_ids), seconds, {
+            "initial_score": r.initial_score, "search_score": r.score, "gain": r.gain,
+            "iterations_accepted": r.iterations_accepted, "iterations_run": len(r.iterations),
+        }) for r in results]
 
 
 class PrefixMethod(Method):
@@ -302,6 +355,13 @@ class PrefixMethod(Method):
 
     def settings(self) -> dict[str, Any]:
         return {"folder": str(self.folder)}
+
+    def fingerprint(self, model, tasks):
+        """Each task's controller by content (hash of its tensors and config), not by folder path."""
+        from ..prefix.controller import KIND
+        from ..store import content_hash
+
+        return {"controllers": {t.id: content_hash(self.controller_folder(t), KIND) for t in tasks}}
 
     def controller_folder(self, task: Task) -> Path:
         per_task = self.folder / task.id
@@ -349,6 +409,20 @@ class OtherModel(Method):
     def settings(self) -> dict[str, Any]:
         return {"folder": str(self.folder)}
 
+    def fingerprint(self, model, tasks):
+        """Each task's model by content (weights sample, chat template: :func:`~workbench.store.model_fingerprint`)."""
+        from ..store import model_fingerprint
+
+        return {"models": {t.id: model_fingerprint(self._load(self.model_folder(t), model)) for t in tasks}}
+
+    def _load(self, folder: Path, model: HookedChatModel) -> HookedChatModel:
+        from ..model.loading import load_model
+
+        if folder not in self._loaded:
+            self._loaded.clear()  # one other model in memory at a time
+            self._loaded[folder] = load_model(str(folder), device=str(model.device), dtype=model.dtype, progress=False)
+        return self._loaded[folder]
+
     def model_folder(self, task: Task) -> Path:
         per_task = self.folder / task.id
         folder = per_task if (per_task / "config.json").is_file() else self.folder
@@ -358,13 +432,8 @@ class OtherModel(Method):
         return folder
 
     def prepare(self, model, task, decoding, *, held_out=(), state=None):
-        from ..model.loading import load_model
-
         folder = self.model_folder(task)
-        if folder not in self._loaded:
-            self._loaded.clear()  # one other model in memory at a time
-            self._loaded[folder] = load_model(str(folder), device=str(model.device), dtype=model.dtype, progress=False)
-        other = self._loaded[folder]
+        other = self._load(folder, model)
         probe = held_out[0] if held_out else "Hello"
         if other.chat_ids(probe) != model.chat_ids(probe):
             raise InputError(f"{folder} turns a prompt into other token ids than {model.model_id}: "
@@ -389,6 +458,7 @@ def build_methods(
     selfcontrol: SelfControlConfig | dict[str, Any] | None = None,
     repe: dict[str, Any] | None = None,
     prompt_style: str = "user",
+    batch_prompts: int | None = None,
 ) -> list[Method]:
     """Method objects from names (``"none,prompt"`` or a list); :class:`Method` instances pass through."""
     if isinstance(names, str):
@@ -404,7 +474,7 @@ def build_methods(
         elif name == "repe":
             out.append(RepeAddition(**(repe or {})))
         elif name == "selfcontrol":
-            out.append(SelfControlMethod(selfcontrol))
+            out.append(SelfControlMethod(selfcontrol, batch_prompts))
         elif name.startswith("model:") and name.removeprefix("model:").strip():
             out.append(OtherModel(name.removeprefix("model:").strip()))
         elif name == "prefix":
@@ -419,11 +489,19 @@ def build_methods(
     return out
 
 
-def run_isolated(model: HookedChatModel, method: Method, task: Task, prompt: str, decoding: Decoding) -> MethodResponse:
-    """``method.respond`` with a check that it left no hooks or prefix behind (raises :class:`ControlLeakError`)."""
+def run_isolated_many(model: HookedChatModel, method: Method, task: Task, prompts: Sequence[str],
+                      decoding: Decoding) -> list[MethodResponse]:
+    """``method.respond_many`` with a check that it left no hooks or prefix behind (raises :class:`ControlLeakError`)."""
     before = hook_state(model)
-    out = method.respond(model, task, prompt, decoding)
+    out = method.respond_many(model, task, list(prompts), decoding)
     after = hook_state(model)
     if after != before:
         raise ControlLeakError(f"method {method.name!r} left control on the model: hooks/prefix {before} -> {after}")
+    if len(out) != len(prompts):
+        raise ControlLeakError(f"method {method.name!r} returned {len(out)} responses for {len(prompts)} prompts")
     return out
+
+
+def run_isolated(model: HookedChatModel, method: Method, task: Task, prompt: str, decoding: Decoding) -> MethodResponse:
+    """:func:`run_isolated_many` of one prompt."""
+    return run_isolated_many(model, method, task, [prompt], decoding)[0]

@@ -8,9 +8,9 @@ so they live in one place that the runner, the CLI and the studies share.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,7 +20,8 @@ import numpy as np
 
 from .. import plotting
 from ..errors import InputError
-from .judges import bootstrap_ci
+from ..store import atomic_write, atomic_write_json, read_jsonl
+from .judges import MIN_N_SIGNIFICANCE, bootstrap_ci, paired_change
 
 METRICS = ("suffix_score", "lexicon_target_rate", "lexicon_opposite_rate", "vader_compound", "perplexity",
            "distinct_2", "seconds")
@@ -36,34 +37,13 @@ LABELS = {"suffix_score": "suffix score (clean model)", "lexicon_target_rate": "
 
 # ---------------------------------------------------------------- the folder
 def read_records(path: str | Path, repair: bool = False) -> list[dict[str, Any]]:
-    """The records in a ``results.jsonl``; a torn last line (killed mid-write) is skipped, and cut off with ``repair``."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    records, good_end, offset = [], 0, 0
-    for line in data.splitlines(keepends=True):
-        offset += len(line)
-        try:
-            if not line.endswith(b"\n"):
-                raise ValueError("no newline")
-            if line.strip():
-                records.append(json.loads(line))
-            good_end = offset
-        except ValueError:
-            if offset != len(data):
-                raise InputError(f"{path} has a corrupt line in the middle (byte {offset - len(line)}); fix or remove it") from None
-    if repair and good_end != len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(good_end)
-    return records
+    """The records in a ``results.jsonl`` (:func:`workbench.store.read_jsonl`: a torn last line is dropped).
 
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-
+    Only the folder's writer (holding its lock) passes ``repair=True`` to cut
+    the torn line off; a summary of a folder another process may be appending
+    to must not cut its line in flight.
+    """
+    return read_jsonl(path, repair=repair)
 
 
 # ---------------------------------------------------------------- statistics
@@ -97,17 +77,20 @@ def summarize(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None 
                     continue
                 mean, low, high = bootstrap_ci(list(values.values()))
                 entry[f"{metric}_mean"] = mean
-                entry[f"{metric}_ci95"] = [low, high]
+                entry[f"{metric}_ci95"] = [low, high] if len(values) >= 2 else None  # no interval from one value
                 if metric == "perplexity" and len(values) < len(rows):
                     entry["perplexity_n"] = len(values)
                 if method != "none" and base:
                     ref = _values(base, metric)
                     shared = [p for p in values if p in ref]
                     if shared:
-                        diff = [values[p] - ref[p] for p in shared]
-                        d_mean, d_low, d_high = bootstrap_ci(diff)
-                        entry[f"{metric}_delta_vs_none"] = d_mean
-                        entry[f"{metric}_delta_ci95"] = [d_low, d_high]
+                        change = paired_change([values[p] for p in shared], [ref[p] for p in shared])
+                        entry[f"{metric}_delta_vs_none"] = change["mean"]
+                        entry[f"{metric}_delta_ci95"] = change["ci"]
+                        entry[f"{metric}_delta_n"] = change["n"]
+                        entry[f"{metric}_delta_p_t"] = None if math.isnan(change["p_t"]) else change["p_t"]
+                        entry[f"{metric}_delta_p_sign"] = change["p_sign"]
+                        entry[f"{metric}_delta_significant"] = change["significant"]
             if method == "selfcontrol":
                 gains = [r["info"]["gain"] for r in rows if "gain" in r.get("info", {})]
                 if gains:
@@ -120,23 +103,33 @@ def summarize(records: Sequence[Mapping[str, Any]], tasks: Sequence[str] | None 
     return out
 
 
+SIGNIFICANCE_RULE = (
+    f"Δ: mean paired change vs `none` (same prompts); * = at least {MIN_N_SIGNIFICANCE} pairs, the 95% bootstrap "
+    f"interval of the paired differences excludes 0 and a paired t-test gives p < 0.05 (below {MIN_N_SIGNIFICANCE} "
+    f"pairs even six-of-six same-sign changes are not significant by an exact sign test, so nothing is marked); "
+    "no interval is shown for n < 2")
+"""The table legend: what a mark means and why small samples get none."""
+
+
 def _fmt(entry: Mapping[str, Any], metric: str, digits: int = 3) -> str:
     if f"{metric}_mean" not in entry:
         return ""
+    mean = f"{entry[f'{metric}_mean']:.{digits}f}"
+    if entry.get(f"{metric}_ci95") is None:
+        return mean
     low, high = entry[f"{metric}_ci95"]
-    return f"{entry[f'{metric}_mean']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{mean} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
 def _fmt_delta(entry: Mapping[str, Any], metric: str, digits: int = 3) -> str:
     if f"{metric}_delta_vs_none" not in entry:
         return ""
-    low, high = entry[f"{metric}_delta_ci95"]
-    star = "*" if low > 0 or high < 0 else ""
+    star = "*" if entry.get(f"{metric}_delta_significant") else ""
     return f"{entry[f'{metric}_delta_vs_none']:+.{digits}f}{star}"
 
 
 def markdown_table(summary: Mapping[str, Any]) -> str:
-    """One row per (task, method); Δ is the paired change vs ``none`` (* = 95% interval excludes 0)."""
+    """One row per (task, method); Δ is the paired change vs ``none``, marked as :data:`SIGNIFICANCE_RULE` says."""
     lexicon = any("lexicon_target_rate_mean" in e for t in summary.values() for e in t.values())
     head = ["task", "method", "n", "suffix score [95% CI]", "Δ"]
     if lexicon:
@@ -163,24 +156,26 @@ def write_csv(summary: Mapping[str, Any], path: str | Path) -> Path:
     """Flat CSV: one row per (task, method), mean / CI / paired delta / delta CI per metric."""
     columns = ["task", "method", "n", "n_degenerate", "coefficient"]
     for m in METRICS:
-        columns += [f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high", f"{m}_delta_vs_none", f"{m}_delta_ci_low", f"{m}_delta_ci_high"]
+        columns += [f"{m}_mean", f"{m}_ci_low", f"{m}_ci_high", f"{m}_delta_vs_none", f"{m}_delta_ci_low",
+                    f"{m}_delta_ci_high", f"{m}_delta_significant"]
     path = Path(path)
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, columns)
-        writer.writeheader()
-        for task, methods in summary.items():
-            for method, e in methods.items():
-                row: dict[str, Any] = {"task": task, "method": method, "n": e["n"], "n_degenerate": e["n_degenerate"],
-                                       "coefficient": e.get("coefficient", "")}
-                for m in METRICS:
-                    if f"{m}_mean" in e:
-                        row[f"{m}_mean"] = e[f"{m}_mean"]
-                        row[f"{m}_ci_low"], row[f"{m}_ci_high"] = e[f"{m}_ci95"]
-                    if f"{m}_delta_vs_none" in e:
-                        row[f"{m}_delta_vs_none"] = e[f"{m}_delta_vs_none"]
-                        row[f"{m}_delta_ci_low"], row[f"{m}_delta_ci_high"] = e[f"{m}_delta_ci95"]
-                writer.writerow(row)
-    return path
+    fh = io.StringIO(newline="")
+    writer = csv.DictWriter(fh, columns)
+    writer.writeheader()
+    for task, methods in summary.items():
+        for method, e in methods.items():
+            row: dict[str, Any] = {"task": task, "method": method, "n": e["n"], "n_degenerate": e["n_degenerate"],
+                                   "coefficient": e.get("coefficient", "")}
+            for m in METRICS:
+                if f"{m}_mean" in e:
+                    row[f"{m}_mean"] = e[f"{m}_mean"]
+                    row[f"{m}_ci_low"], row[f"{m}_ci_high"] = e[f"{m}_ci95"] or ("", "")
+                if f"{m}_delta_vs_none" in e:
+                    row[f"{m}_delta_vs_none"] = e[f"{m}_delta_vs_none"]
+                    row[f"{m}_delta_ci_low"], row[f"{m}_delta_ci_high"] = e[f"{m}_delta_ci95"] or ("", "")
+                    row[f"{m}_delta_significant"] = int(bool(e.get(f"{m}_delta_significant")))
+            writer.writerow(row)
+    return atomic_write(path, fh.getvalue())
 
 
 def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "") -> Path:
@@ -199,7 +194,7 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "
                 e = summary[task].get(method, {})
                 if f"{metric}_mean" not in e:
                     continue
-                mean, (low, high) = e[f"{metric}_mean"], e[f"{metric}_ci95"]
+                mean, (low, high) = e[f"{metric}_mean"], e[f"{metric}_ci95"] or (e[f"{metric}_mean"],) * 2
                 xs.append(i - 0.4 + width * (j + 0.5))
                 ys.append(mean)
                 err[0].append(mean - low)
@@ -212,7 +207,8 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "
         ax.set_title(LABELS[metric], fontsize=9)
         ax.grid(False, axis="x")
         if metric == "suffix_score":
-            values = [e[f"{metric}_ci95"][k] for t in summary.values() for e in t.values() if f"{metric}_ci95" in e for k in (0, 1)]
+            values = [(e[f"{metric}_ci95"] or [e[f"{metric}_mean"]] * 2)[k] for t in summary.values() for e in t.values()
+                      if f"{metric}_mean" in e for k in (0, 1)]
             if values:
                 pad = 0.1 * (max(values) - min(values) + 1e-4)
                 ax.set_ylim(min(values) - pad, max(values) + pad)
@@ -225,14 +221,17 @@ def plot_summary(summary: Mapping[str, Any], path: str | Path, model_id: str = "
     return plotting.save(fig, path)
 
 
-def write_summary(out_dir: str | Path) -> dict[str, Any]:
-    """(Re)build summary.json / .csv / .md / .png from the folder's results, for the tasks and methods of its config."""
+def write_summary(out_dir: str | Path, *, repair: bool = False) -> dict[str, Any]:
+    """(Re)build summary.json / .csv / .md / .png from the folder's results, for the tasks and methods of its config.
+
+    ``repair``: cut a torn last line of the results (only the folder's writer, which holds its lock, does that).
+    """
     out = Path(out_dir)
     if not ((out / RESULTS).is_file() or (out / CONFIG).is_file()):
         raise InputError(f"{out} holds no evaluation ({'no such folder' if not out.is_dir() else f'no {RESULTS}'}); "
                          f"run `python -m workbench evaluate --out {out}` first, or pass the folder of an earlier run")
     config = json.loads((out / CONFIG).read_text()) if (out / CONFIG).is_file() else {}
-    records = read_records(out / RESULTS)
+    records = read_records(out / RESULTS, repair=repair)
     prepared = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
     tasks = config.get("tasks") or None
     methods = config.get("methods") or None
@@ -252,17 +251,17 @@ def write_summary(out_dir: str | Path) -> dict[str, Any]:
         "decoding": config.get("decoding"),
         "methods": methods,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "notes": "means with 95% percentile-bootstrap intervals; *_delta_vs_none: mean paired difference "
-                 "(same prompt) to method 'none' with its bootstrap interval",
+        "notes": "means with 95% percentile-bootstrap intervals (none for n < 2); *_delta_vs_none: mean paired "
+                 "difference (same prompt) to method 'none' with the bootstrap interval of the differences, a paired "
+                 "t-test and an exact sign test; " + SIGNIFICANCE_RULE,
         "tasks": per_task,
     }
     if pooled is not None:
         summary["pooled"] = pooled
-    write_json(out / "summary.json", summary)
+    atomic_write_json(out / "summary.json", summary)
     write_csv(table, out / "summary.csv")
-    (out / "summary.md").write_text(
-        f"Evaluation on `{summary['model_id']}` (Δ: paired change vs `none`; * = 95% bootstrap interval excludes 0)\n\n"
-        + markdown_table(table) + "\n")
+    atomic_write(out / "summary.md", f"Evaluation on `{summary['model_id']}`. {SIGNIFICANCE_RULE}.\n\n"
+                 + markdown_table(table) + "\n")
     if any(per_task.values()):
         plot_summary(per_task, out / "summary.png", summary["model_id"] or "")
     return summary

@@ -6,15 +6,24 @@ judge was gamed. Fixed lexicons (NRC emotions for the emotion tasks, VADER
 sentiment for all) move only when the text moves; perplexity under the clean
 model and distinct-2 catch a control that buys its score with broken text.
 
-Output folder (nothing is lost on interruption; a rerun resumes):
+Output folder (nothing is lost on interruption; a rerun resumes, and a
+resumed run is provably the same run or it is refused):
 
-- ``results.jsonl``: one line per (task, method, prompt), appended, flushed
-  and fsynced as soon as it is done; a rerun skips done lines and drops a
-  torn last line;
+- ``run.json``: the run's fingerprint (:func:`run_fingerprint`): model id and
+  a fingerprint of its weights, dtype, device type, judges version, each
+  task's judge text, the prompt set, decoding and each method's settings
+  (a prefix controller by content hash). A rerun that differs in any of them
+  is refused naming the keys (another ``--out``, or ``--restart``); one that
+  adds a task or method extends it, one with fewer never shrinks it;
+- ``results.jsonl``: one line per (task, method, prompt), appended and
+  fsynced as soon as it is done (:func:`workbench.store.append_jsonl`); a
+  rerun skips done lines and drops a torn last line;
 - ``prepared.json``: per (method, task) setup, e.g. repe's chosen coefficient
-  and the train-prompt grid it was chosen on (reused on rerun);
+  and the train-prompt grid it was chosen on (reused on rerun, refused if
+  those prompts are now evaluated);
 - ``config.json``: everything needed to rerun (``python -m workbench evaluate
-  --config DIR/config.json`` resumes or repeats the run);
+  --config DIR/config.json`` resumes or repeats the run), the union of every
+  run into the folder;
 - ``summary.json`` / ``summary.csv`` / ``summary.md`` / ``summary.png``: per
   task and method, means with 95% bootstrap intervals and the change relative
   to ``none`` (paired by prompt, bootstrap interval of the paired differences).
@@ -24,9 +33,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,15 +46,23 @@ from ..errors import InputError
 from ..selfcontrol.fluency import distinct_n, is_degenerate
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import PromptList, Task, Text, get_task
-from .judges import judge_text
-from .methods import Decoding, Method, build_methods, run_isolated
-from .report import CONFIG, PREPARED, RESULTS, read_records, write_json, write_summary
+from ..store import (
+    append_jsonl,
+    atomic_write_json,
+    check_fingerprint,
+    folder_lock,
+    model_fingerprint,
+    read_jsonl,
+)
+from .judges import JUDGES_VERSION, judge_text
+from .methods import Decoding, Method, build_methods, run_isolated_many
+from .report import CONFIG, PREPARED, RESULTS, write_summary
 
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
 
-# Settings that must match for a rerun to append to an existing folder.
-_RESUME_KEYS = ("model_id", "decoding", "method_settings")
+#: The run's files (relative to its folder): deleted by ``restart``; present without a fingerprint, refused.
+OUTPUTS = (RESULTS, PREPARED, CONFIG, "summary.json", "summary.csv", "summary.md", "summary.png")
 
 
 # ---------------------------------------------------------------- prompts
@@ -106,12 +122,6 @@ def _key(record: Mapping[str, Any]) -> tuple[str, str, str]:
     return record["task"], record["method"], record["prompt"]
 
 
-def _append(fh: Any, record: dict[str, Any]) -> None:
-    fh.write(json.dumps(record) + "\n")
-    fh.flush()
-    os.fsync(fh.fileno())
-
-
 # ---------------------------------------------------------------- metrics
 def judge_response(model: HookedChatModel, task: Task, prompt_ids: list[int], response_ids: list[int],
                    suffixes: Any) -> dict[str, Any]:
@@ -152,11 +162,48 @@ class Evaluation:
                             display.markdown_table(self.table), display.image(self.out_dir / "summary.png", "method comparison"))
 
 
-def _shared_settings(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Both runs' settings cut to the methods and knobs they share: adding either does not block a resume."""
-    both = [m for m in new if m in old]
-    return ({m: {k: v for k, v in old[m].items() if k in new[m]} for m in both},
-            {m: {k: v for k, v in new[m].items() if k in old[m]} for m in both})
+def run_fingerprint(model: HookedChatModel, tasks: Sequence[Task], methods: Sequence[Method],
+                    prompts: Mapping[str, Sequence[str]], decoding: Decoding) -> dict[str, Any]:
+    """Everything that changes an evaluation's numbers, for :func:`workbench.store.check_fingerprint`.
+
+    ``tasks``, ``prompts`` and ``methods`` are keyed by task id, ``task#position``
+    and method name, so a run may add entries (they are *extendable*: another
+    task or method, more prompts of the same list) but never change one: the
+    prompt at each position of each task's list is pinned, so another split or
+    prompt file into the same folder is refused.
+    """
+    return {
+        "model": model_fingerprint(model),
+        "judges_version": JUDGES_VERSION,
+        "decoding": asdict(decoding),
+        "tasks": {t.id: t.judge_dict() for t in tasks},
+        "prompts": {f"{t.id}#{i}": p for t in tasks for i, p in enumerate(prompts[t.id])},
+        "methods": {m.name: m.fingerprint(model, tasks) for m in methods},
+    }
+
+
+EXTENDABLE = ("tasks", "prompts", "methods")
+
+
+def _merged_config(path: Path, new: dict[str, Any]) -> dict[str, Any]:
+    """The folder's config grown by ``new`` (tasks, methods, prompts and settings are unions; never shrinks)."""
+    if not path.is_file():
+        return new
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return new
+    if not isinstance(old, dict):
+        return new
+    merged = {**old, **new}
+    for key in ("tasks", "methods"):
+        merged[key] = list(dict.fromkeys([*(old.get(key) or []), *new[key]]))
+    merged["method_settings"] = {**(old.get("method_settings") or {}), **new["method_settings"]}
+    old_prompts = old.get("prompts") or {}  # per task, one list is the start of the other (the fingerprint saw to it)
+    merged["prompts"] = {**old_prompts, **{t: max(p, old_prompts.get(t) or [], key=len) for t, p in new["prompts"].items()}}
+    merged["prefix"] = new["prefix"] if new["prefix"] is not None else old.get("prefix")
+    merged["prompt_style"] = (merged["method_settings"].get("prompt") or {}).get("style", new["prompt_style"])
+    return merged
 
 
 def _versions() -> dict[str, str]:
@@ -188,6 +235,8 @@ def evaluate(
     selfcontrol: Any = None,
     repe: dict[str, Any] | None = None,
     prompt_style: str = "user",
+    batch_prompts: int | None = None,
+    restart: bool = False,
     progress: bool = True,
 ) -> Evaluation:
     """Run every method on every prompt of every task, judge each response, write results and a summary.
@@ -196,21 +245,56 @@ def evaluate(
     task) or an object task id -> list, or the same as a Python list/dict.
     ``selfcontrol``: a :class:`~workbench.selfcontrol.search.SelfControlConfig` or dict of its
     fields; ``repe``: keyword arguments of :class:`~workbench.evaluation.methods.RepeAddition`.
-    Decoding (``max_new_tokens``, ``seed``, sampling) is shared by all methods.
-    A rerun into the same ``out_dir`` with the same settings resumes.
+    Decoding (``max_new_tokens``, ``seed``, sampling) is shared by all methods. ``batch_prompts``: prompts
+    SelfControl searches together (default: the model's ``default_batch_prompts``; results do not depend on it).
+    A rerun into the same ``out_dir`` with the same settings resumes (and may add tasks or methods); one with
+    other settings raises :class:`~workbench.errors.ResumeMismatchError` unless ``restart``, which discards the
+    folder's results first. A second process writing the same folder is refused while the first is alive.
     """
+    tasks, method_objs, decoding, by_task = evaluation_inputs(
+        tasks, methods, prompts, prefix=prefix, max_new_tokens=max_new_tokens, seed=seed, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, limit=limit, selfcontrol=selfcontrol, repe=repe,
+        prompt_style=prompt_style, batch_prompts=batch_prompts)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with folder_lock(out):
+        records = open_evaluation(
+            out, run_fingerprint(model, tasks, method_objs, by_task, decoding),
+            evaluation_config(model, tasks, method_objs, by_task, decoding, out, prompts=prompts, limit=limit,
+                              prompt_style=prompt_style, prefix=prefix), restart=restart)
+        records = _run(model, tasks, method_objs, by_task, decoding, out, records, progress)
+        summary = write_summary(out)
+    wanted = {(t.id, m.name, p) for t in tasks for m in method_objs for p in by_task[t.id]}
+    return Evaluation(out, [r for r in records if _key(r) in wanted], summary)
+
+
+# ---- the pieces of a run: inputs, open the folder, prepare, respond and judge, commit ------
+# Split so that a sharded run (workbench.distributed) answers on workers and writes on the
+# driver with the very same functions.
+def evaluation_inputs(tasks: Sequence[Task | str] | str, methods: Sequence[str | Method] | str,
+                      prompts: str | Path | Sequence[str] | Mapping[str, Sequence[str]], *,
+                      prefix: str | Path | None = None, max_new_tokens: int = 40, seed: int = 0,
+                      do_sample: bool = False, temperature: float = 1.0, top_p: float | None = None,
+                      limit: int | None = None, selfcontrol: Any = None, repe: dict[str, Any] | None = None,
+                      prompt_style: str = "user", batch_prompts: int | None = None,
+                      ) -> tuple[list[Task], list[Method], Decoding, dict[str, list[str]]]:
+    """Tasks, method objects, decoding and prompts per task, checked (bad input fails here, before any model work)."""
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     tasks = [get_task(t) for t in tasks]
     if not tasks or len({t.id for t in tasks}) != len(tasks):
         raise InputError(f"tasks must be distinct and non-empty, got {[t.id for t in tasks]}")
-    method_objs = build_methods(methods, prefix=prefix, selfcontrol=selfcontrol, repe=repe, prompt_style=prompt_style)
+    method_objs = build_methods(methods, prefix=prefix, selfcontrol=selfcontrol, repe=repe, prompt_style=prompt_style,
+                                batch_prompts=batch_prompts)
     decoding = Decoding(max_new_tokens, do_sample, temperature, top_p, seed)
-    by_task = resolve_prompts(tasks, prompts, limit)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    return tasks, method_objs, decoding, resolve_prompts(tasks, prompts, limit)
 
-    config = {
+
+def evaluation_config(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Method],
+                      by_task: Mapping[str, list[str]], decoding: Decoding, out: Path, *,
+                      prompts: Any, limit: int | None, prompt_style: str, prefix: str | Path | None) -> dict[str, Any]:
+    """``config.json``: everything needed to rerun the evaluation."""
+    return {
         "command": f"python -m workbench evaluate --config {out / CONFIG}",
         "model_id": model.model_id,
         "model": {"load": model.model_id, "device": str(model.device), "dtype": str(model.dtype).replace("torch.", "")},
@@ -219,69 +303,111 @@ def evaluate(
         "method_settings": {m.name: m.settings() for m in method_objs},
         "prompts_spec": str(prompts) if isinstance(prompts, str | Path) else "inline",
         "limit": limit,
-        "prompts": by_task,
+        "prompts": dict(by_task),
         "decoding": asdict(decoding),
         "prompt_style": prompt_style,
         "prefix": str(prefix) if prefix is not None else None,
         "versions": _versions(),
     }
-    config_path = out / CONFIG
-    if config_path.is_file() and (out / RESULTS).is_file():
-        old = json.loads(config_path.read_text())
-        for key in _RESUME_KEYS:
-            old_value, new_value = old.get(key), json.loads(json.dumps(config[key]))
-            if key == "method_settings":
-                old_value, new_value = _shared_settings(old_value or {}, new_value)
-            if old_value != new_value:
-                raise InputError(f"{out} holds a run with different {key!r} ({old_value} vs {new_value}); "
-                                 "resume with the same settings or choose another output folder")
-    write_json(config_path, config)
 
-    records = read_records(out / RESULTS, repair=True)
+
+def open_evaluation(out: Path, fingerprint: dict[str, Any], config: dict[str, Any], *,
+                    restart: bool = False) -> list[dict[str, Any]]:
+    """Check the run's settings, write its config, and return the results already there (the caller holds the lock)."""
+    check_fingerprint(out, fingerprint, restart=restart, extendable=EXTENDABLE, outputs=OUTPUTS)
+    atomic_write_json(out / CONFIG, _merged_config(out / CONFIG, config))
+    return read_jsonl(out / RESULTS)
+
+
+def read_prepared(out: Path) -> dict[str, dict[str, Any]]:
+    """``prepared.json``: per method and task, the setup state an earlier run chose (reused as is)."""
+    return json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
+
+
+def prepare_methods(model: HookedChatModel, task: Task, method_objs: Sequence[Method], decoding: Decoding,
+                    held_out: Sequence[str], prepared: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each method's setup for ``task`` (from ``prepared``'s state where there is one); the states to save, by method."""
+    states = {}
+    for method in method_objs:
+        old_state = prepared.get(method.name, {}).get(task.id)
+        state = method.prepare(model, task, decoding, held_out=held_out, state=old_state)
+        if state:
+            states[method.name] = state
+    return states
+
+
+def respond_and_judge(model: HookedChatModel, task: Task, method_objs: Sequence[Method],
+                      chunk: Sequence[tuple[int, str]], decoding: Decoding, suffixes: Any,
+                      done: Container[tuple[str, str, str]] = ()) -> Iterator[dict[str, Any]]:
+    """The judged record of every (method, prompt) of ``chunk`` not in ``done``, as each method's call returns.
+
+    ``chunk``: ``(index, prompt)`` pairs of ``task``; each method answers all of
+    its pending prompts in one call (a batched search answers them together).
+    No file access: the caller commits each record.
+    """
+    plain: dict[str, list[int]] = {}
+    for method in method_objs:
+        mine = [(i, p) for i, p in chunk if (task.id, method.name, p) not in done]
+        if not mine:
+            continue
+        responses = run_isolated_many(model, method, task, [p for _, p in mine], decoding)
+        for (index, prompt), response in zip(mine, responses, strict=True):
+            plain_ids = plain.setdefault(prompt, model.chat_ids(prompt))
+            yield {
+                "task": task.id, "method": method.name, "prompt_index": index, "prompt": prompt,
+                "response": model.decode(response.response_ids), "response_ids": response.response_ids,
+                "seconds": round(response.seconds, 4),
+                **judge_response(model, task, plain_ids, response.response_ids, suffixes),
+                "info": response.info,
+            }
+
+
+def chunk_size(method_objs: Sequence[Method], model: HookedChatModel) -> int:
+    """Prompts per chunk: the largest ``prompts_per_call`` of the methods (``None``: the model's default batch)."""
+    from ..selfcontrol.search import default_batch_prompts
+
+    return max(m.prompts_per_call or default_batch_prompts(model) for m in method_objs)
+
+
+def _run(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Method], by_task: dict[str, list[str]],
+         decoding: Decoding, out: Path, records: list[dict[str, Any]], progress: bool) -> list[dict[str, Any]]:
+    """Every missing (task, method, prompt) response, judged and appended to the results (the caller holds the lock).
+
+    Prompts go in chunks of :func:`chunk_size`; each record is committed as
+    soon as its method's call returns.
+    """
     done = {_key(r) for r in records}
-    prepared: dict[str, dict[str, Any]] = json.loads((out / PREPARED).read_text()) if (out / PREPARED).is_file() else {}
+    prepared = read_prepared(out)
     todo = [(t, p, m) for t in tasks for p in by_task[t.id] for m in method_objs if (t.id, m.name, p) not in done]
     bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, unit="response")
-    with (out / RESULTS).open("a", encoding="utf-8") as fh:
-        for task in tasks:
-            pending = [(p, m) for (t, p, m) in todo if t is task]
-            if not pending:
-                continue
-            suffixes = task.compile(model)
-            for method in method_objs:
-                if any(m is method for _, m in pending):
-                    bar.set_postfix_str(f"{task.id}: preparing {method.name}")
-                    old_state = prepared.get(method.name, {}).get(task.id)
-                    state = method.prepare(model, task, decoding, held_out=by_task[task.id], state=old_state)
-                    if state:
-                        prepared.setdefault(method.name, {})[task.id] = state
-                        write_json(out / PREPARED, prepared)
-            for index, prompt in enumerate(by_task[task.id]):
-                plain_ids = None
-                for method in method_objs:
-                    if (task.id, method.name, prompt) in done:
-                        continue
-                    bar.set_postfix_str(f"{task.id} #{index} {method.name}")
-                    response = run_isolated(model, method, task, prompt, decoding)
-                    plain_ids = plain_ids or model.chat_ids(prompt)
-                    record = {
-                        "task": task.id, "method": method.name, "prompt_index": index, "prompt": prompt,
-                        "response": model.decode(response.response_ids), "response_ids": response.response_ids,
-                        "seconds": round(response.seconds, 4),
-                        **judge_response(model, task, plain_ids, response.response_ids, suffixes),
-                        "info": response.info,
-                    }
-                    _append(fh, record)
-                    records.append(record)
-                    done.add(_key(record))
-                    bar.update(1)
+    size = chunk_size(method_objs, model)
+    for task in tasks:
+        pending = [(p, m) for (t, p, m) in todo if t is task]
+        if not pending:
+            continue
+        suffixes = task.compile(model)
+        bar.set_postfix_str(f"{task.id}: preparing")
+        busy = [m for m in method_objs if any(pm is m for _, pm in pending)]
+        states = prepare_methods(model, task, busy, decoding, by_task[task.id], prepared)
+        if states:
+            for name, state in states.items():
+                prepared.setdefault(name, {})[task.id] = state
+            atomic_write_json(out / PREPARED, prepared)
+        prompts = list(enumerate(by_task[task.id]))
+        for first in range(0, len(prompts), size):
+            bar.set_postfix_str(f"{task.id} #{first}")
+            for record in respond_and_judge(model, task, method_objs, prompts[first:first + size], decoding,
+                                            suffixes, done):
+                append_jsonl(out / RESULTS, record)
+                records.append(record)
+                done.add(_key(record))
+                bar.update(1)
     bar.close()
-    summary = write_summary(out)
-    wanted = {(t.id, m.name, p) for t in tasks for m in method_objs for p in by_task[t.id]}
-    return Evaluation(out, [r for r in records if _key(r) in wanted], summary)
+    return records
 
 
-def evaluate_from_config(config_path: str | Path, model: HookedChatModel | None = None, progress: bool = True) -> Evaluation:
+def evaluate_from_config(config_path: str | Path, model: HookedChatModel | None = None, progress: bool = True,
+                         restart: bool = False) -> Evaluation:
     """Rerun (or resume) the evaluation a ``config.json`` describes, into the folder it sits in."""
     path = Path(config_path)
     try:
@@ -303,4 +429,4 @@ def evaluate_from_config(config_path: str | Path, model: HookedChatModel | None 
         sc = {**sc, "layers": tuple(sc["layers"])}
     return evaluate(model, cfg["tasks"], cfg["methods"], cfg["prompts"], path.parent, prefix=cfg.get("prefix"),
                     **asdict(Decoding(**cfg["decoding"])), selfcontrol=sc, repe=settings.get("repe"),
-                    prompt_style=cfg.get("prompt_style", "user"), progress=progress)
+                    prompt_style=cfg.get("prompt_style", "user"), restart=restart, progress=progress)

@@ -7,9 +7,10 @@ through the tokenizer's own template. Everything downstream stays in token ids.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..errors import InputError
+from .layout import ForwardLayout, PromptRef, RowPrompt
 
 RESIDUAL_POINTS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post")
 
@@ -44,10 +46,64 @@ class HookedChatModel:
     source: str = ""
     cache_path: str | None = None
     extra: dict = field(default_factory=dict)
-    # Ids placed at the very start of every generated row, before any left padding, so
-    # they sit at positions [0, len) in every row; a prefix controller sets these to
-    # placeholders whose embeddings its hooks replace (see prefix.py).
-    prefix_ids: list[int] = field(default_factory=list)
+    # The forward now running declares where each row's prompt sits (see layout.py);
+    # controls and prefixes read it to place themselves. None outside workbench forwards.
+    layout: ForwardLayout | None = field(default=None, repr=False)
+    # The applied prefix controller (explicit state, set by ``PrefixController.applied``):
+    # every workbench forward puts its slots at columns [0, n) of every row.
+    prefix: Any = field(default=None, repr=False)
+
+    @property
+    def prefix_len(self) -> int:
+        """Prefix slots every workbench forward places before its rows (0 without an applied prefix)."""
+        return int(self.prefix.n_tokens) if self.prefix is not None else 0
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        """The ids at the prefix slots (placeholders whose embeddings the applied prefix replaces)."""
+        return [int(self.prefix.placeholder_id)] * self.prefix.n_tokens if self.prefix is not None else []
+
+    @contextlib.contextmanager
+    def declared(self, layout: ForwardLayout) -> Iterator[ForwardLayout]:
+        """Declare where each row's prompt sits for the forwards run inside (restored after)."""
+        if layout.prefix != self.prefix_len:
+            raise InputError(f"the layout places {layout.prefix} prefix slots, the applied prefix has {self.prefix_len}")
+        previous, self.layout = self.layout, layout
+        try:
+            yield layout
+        finally:
+            self.layout = previous
+
+    def rows_layout(
+        self, ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
+        prompt_lens: Sequence[int] | None = None,
+    ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"] | None, ForwardLayout]:
+        """Ids (prefix slots prepended) and the layout of a forward over ``ids`` whose rows start with their prompts.
+
+        Each row's prompt starts at its first attended column (left or right padding) and is
+        ``prompt_lens[row]`` tokens long (default: every attended token).
+        """
+        ids = ids if ids.ndim == 2 else ids[None]
+        mask = attention_mask if attention_mask is None or attention_mask.ndim == 2 else attention_mask[None]
+        valid = torch.ones_like(ids) if mask is None else mask
+        starts = valid.argmax(-1).tolist()
+        counts = valid.sum(-1).tolist()
+        lens = counts if prompt_lens is None else [int(n) for n in prompt_lens]
+        if len(lens) != ids.shape[0]:
+            raise InputError(f"{len(lens)} prompt lengths for {ids.shape[0]} rows")
+        rows_ids = ids.tolist()
+        rows = []
+        for row, (start, count, n) in enumerate(zip(starts, counts, lens, strict=True)):
+            if not 0 < n <= count:
+                raise InputError(f"row {row}: a prompt of {n} tokens in a row of {count} tokens")
+            rows.append(RowPrompt(self.prefix_len + start, PromptRef.of(rows_ids[row][start:start + n])))
+        n = self.prefix_len
+        if n:
+            head = torch.as_tensor(self.prefix_ids, device=ids.device).expand(ids.shape[0], n)
+            ids = torch.cat([head, ids], 1)
+            if mask is not None:
+                mask = torch.cat([torch.ones_like(head), mask], 1)
+        return ids, mask, ForwardLayout(tuple(rows), n)
 
     # ---- sizes -------------------------------------------------------
     @property
@@ -207,14 +263,17 @@ class HookedChatModel:
 
     @torch.no_grad()
     def capture(
-        self, ids: Int[Tensor, "batch pos"], hook_names: Sequence[str], attention_mask: Int[Tensor, "batch pos"] | None = None
+        self, ids: Int[Tensor, "batch pos"], hook_names: Sequence[str], attention_mask: Int[Tensor, "batch pos"] | None = None,
+        prompt_lens: Sequence[int] | None = None,
     ) -> dict[str, Float[Tensor, "batch pos d_model"]]:
         """Activations at ``hook_names`` for one forward that stops once all of them are seen.
 
         Nothing after the last of them runs (later blocks, the unembedding: on a small
         model the vocabulary-sized matmul costs most of a forward). Hooks already
         registered on the bridge (a control, a prefix) act first, so the capture sees
-        their effect. Under a device map each activation stays on its layer's device.
+        their effect; each row's prompt is its first ``prompt_lens[row]`` attended tokens
+        (default: all of them). With an applied prefix its slots come first: the activations
+        then start with them. Under a device map each activation stays on its layer's device.
         """
         wanted = set(hook_names)
         unknown = wanted - set(self.bridge.hook_dict)
@@ -231,8 +290,9 @@ class HookedChatModel:
 
             return keep
 
+        ids, attention_mask, layout = self.rows_layout(ids, attention_mask, prompt_lens)
         try:
-            with self.bridge.hooks(fwd_hooks=[(n, make(n)) for n in wanted]):
+            with self.declared(layout), self.bridge.hooks(fwd_hooks=[(n, make(n)) for n in wanted]):
                 self.bridge(ids, attention_mask=attention_mask)
         except _Captured:
             pass
@@ -240,6 +300,16 @@ class HookedChatModel:
         if missing:
             raise InputError(f"hook points {sorted(missing)[:3]} did not fire in a forward of {self.model_id}")
         return {n: seen[n] for n in hook_names}
+
+    @torch.no_grad()
+    def run_with_cache(
+        self, ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
+        prompt_lens: Sequence[int] | None = None, **kwargs: Any,
+    ) -> tuple[Any, Any]:
+        """``bridge.run_with_cache`` with the rows' prompts declared (as :meth:`capture`), so controls and prefixes apply."""
+        ids, attention_mask, layout = self.rows_layout(ids, attention_mask, prompt_lens)
+        with self.declared(layout):
+            return self.bridge.run_with_cache(ids, attention_mask=attention_mask, **kwargs)
 
     def as_tensor(self, ids: Sequence[int] | Tensor) -> Int[Tensor, "batch pos"]:
         t = torch.as_tensor(ids, dtype=torch.long, device=self.device)

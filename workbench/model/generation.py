@@ -6,7 +6,9 @@ prompt positions only, which a KV cache touches once, in the prefill. So the
 prefill runs through the bridge (all hooks fire) and each cached decode step
 runs through the hook-free twin that shares the bridge's weights.
 ``hooks_during_decode=True`` (or ``use_cache=False``) routes every step
-through the bridge instead, for hooks that must see generated tokens.
+through the bridge instead, for hooks that must see generated tokens. Every
+bridge forward declares where each row's prompt sits (``model.declared``), so
+controls land on their own prompt's tokens whatever the left padding.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from .chat_model import HookedChatModel
+from .layout import ForwardLayout
 
 
 @dataclass
@@ -86,7 +89,7 @@ def next_token(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
-    generator: torch.Generator | None,
+    generator: torch.Generator | list[tuple[Tensor, torch.Generator]] | None,
 ) -> Int[Tensor, " batch"]:
     if not do_sample:
         return logits.argmax(-1)
@@ -100,6 +103,11 @@ def next_token(
         drop = cumulative - sorted_logits.softmax(-1) > top_p
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     probs = logits.softmax(-1)
+    if isinstance(generator, list):  # (rows, generator) per seed group: each group draws from its own stream
+        out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+        for rows, gen in generator:
+            out[rows] = torch.multinomial(probs[rows], 1, generator=gen).squeeze(-1)
+        return out
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -113,7 +121,8 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
+    seed_groups: Sequence[int] | None = None,
     use_cache: bool = True,
     stop_at_eos: bool = True,
     branches: int = 1,
@@ -125,6 +134,9 @@ def generate(
     ``branches`` > 1 forks each prompt on its top-``branches`` first tokens and
     continues each branch as usual; sequence ``i * branches + j`` is prompt
     ``i``, branch ``j``. Greedy by default; sampling is seeded by ``seed``.
+    ``seed_groups`` (one group index per prompt) with one ``seed`` per group gives each
+    group its own random stream, so a group samples the same tokens whatever else
+    shares the batch (the batched search seeds per prompt, not per batch position).
     """
     prompts = _normalise_prompts(model, prompts)
     if max_new_tokens < 1:
@@ -132,21 +144,39 @@ def generate(
     if branches < 1:
         raise InputError("branches must be at least 1")
     for p in prompts:
-        model.check_length(len(model.prefix_ids) + len(p), max_new_tokens)
+        model.check_length(model.prefix_len + len(p), max_new_tokens)
     device = model.device
     ids, mask = left_pad(prompts, model.pad_token_id, device, head=model.prefix_ids)
-    generator = None
+    layout = ForwardLayout.left_padded(prompts, prefix=model.prefix_len)
+    generator: Any = None
     if do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(0 if seed is None else seed)
+        if seed_groups is None:
+            if not (seed is None or isinstance(seed, int)):
+                raise InputError("several seeds need seed_groups (one group index per prompt)")
+            generator = torch.Generator(device=device)
+            generator.manual_seed(0 if seed is None else seed)
+        else:
+            groups = list(seed_groups)
+            seeds = [seed] if isinstance(seed, int) else list(seed or [0])
+            if len(groups) != len(prompts) or min(groups) < 0 or max(groups) >= len(seeds):
+                raise InputError(f"seed_groups must give each of the {len(prompts)} prompts a group < {len(seeds)} seeds")
+            generator = []
+            for g, sd in enumerate(seeds):
+                rows = [r * branches + b for r, grp in enumerate(groups) if grp == g for b in range(branches)]
+                if rows:
+                    gen = torch.Generator(device=device)
+                    gen.manual_seed(int(sd))
+                    generator.append((torch.as_tensor(rows, device=device), gen))
     eos = torch.as_tensor(model.eos_token_ids or [-1], device=device)
     from transformers import DynamicCache
 
     cache = DynamicCache() if use_cache else None
-    logits = model.bridge(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache)[:, -1]
+    with model.declared(layout):
+        logits = model.bridge(ids, attention_mask=mask, position_ids=positions(mask), past_key_values=cache)[:, -1]
     if branches > 1:
         first = logits.topk(branches, dim=-1).indices.reshape(-1)
         ids, mask = ids.repeat_interleave(branches, 0), mask.repeat_interleave(branches, 0)
+        layout = layout.repeat(branches)
         if cache is not None:
             cache.batch_repeat_interleave(branches)
     else:
@@ -168,9 +198,11 @@ def generate(
         mask = torch.cat([mask, (~done).long()[:, None]], 1)
         pos = positions(mask)
         if cache is None:
-            logits = model.bridge(ids, attention_mask=mask, position_ids=pos)[:, -1]
+            with model.declared(layout):
+                logits = model.bridge(ids, attention_mask=mask, position_ids=pos)[:, -1]
         elif hooks_during_decode:
-            logits = model.bridge(token[:, None], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=cache)[:, -1]
+            with model.declared(layout.shifted(ids.shape[1] - 1)):
+                logits = model.bridge(token[:, None], attention_mask=mask, position_ids=pos[:, -1:], past_key_values=cache)[:, -1]
         else:
             logits = model.decoder(
                 input_ids=token[:, None], attention_mask=mask, position_ids=pos[:, -1:],

@@ -388,6 +388,23 @@ def load_model(
     return model
 
 
+def from_hf_model(hf_model: Any, tokenizer: Any, source: str | Path, *, model_id: str | None = None,
+                  device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                  progress: bool = False) -> HookedChatModel:
+    """Bridge a transformers model that is already in memory (e.g. random weights of a published shape).
+
+    Why: a benchmark on an 8B shape should not write and read 16 GB of random
+    weights. ``source``: a folder with the model's ``config.json`` and tokenizer
+    (the bridge reads the config from there); ``model_id`` defaults to it.
+    """
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with _transformers_quiet(progress):
+        bridge, decoder = _boot(hf_model, tokenizer, str(source), dev, dt)
+    return HookedChatModel(bridge=bridge, tokenizer=tokenizer, model_id=model_id or str(source), decoder=decoder,
+                           source=str(source))
+
+
 @dataclass
 class PlainModel:
     """A plain transformers model and tokenizer, before the bridge rewires it (see :func:`load_hf_model`)."""

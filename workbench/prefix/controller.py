@@ -3,10 +3,12 @@
 Why: a search costs several generations per prompt; a prefix trained to
 reproduce the controlled hidden states costs nothing at inference but a few
 extra positions in the prefill. It enters through the model's own hooks:
-``applied(model)`` puts placeholder ids at positions ``[0, n)`` of every
-generated row (``model.prefix_ids``) and the embedding hook swaps their
+``applied(model)`` makes it model state (``model.prefix``); every workbench
+forward then puts placeholder slots at columns ``[0, n)`` of every row and
+declares them (``model.layout.prefix``), and the embedding hook swaps their
 embeddings for the trained ones; optional per-layer residual vectors are added
-at those positions. Decode steps run with the KV cache as usual: the prefix is
+at those positions. Nothing is inferred from the ids (the placeholder is the
+pad token, on SmolLM2 also the end-of-turn token). Decode steps run with the KV cache as usual: the prefix is
 already in the cache, so generation speed is unchanged. Training lives in
 :mod:`workbench.prefix.training`.
 """
@@ -25,6 +27,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..errors import InputError
+from ..model.layout import refuse_undeclared
 from ..store import load_artifact, save_artifact
 
 if TYPE_CHECKING:
@@ -118,47 +121,58 @@ class PrefixController:
 
     # ---- application --------------------------------------------------------------
     def hooks(self, model: HookedChatModel) -> list[tuple[str, Any]]:
-        """Hooks that act only on forwards whose first ``n`` ids are the placeholder and that cover more than them.
+        """Hooks that replace the embeddings (and add the residuals) at the prefix slots the forward declares.
 
-        So a one-token cached decode step, or a forward without the prefix
-        (e.g. the clean judge), is left alone.
+        Every workbench forward under :meth:`applied` places the slots at columns ``[0, n)``
+        of every row and says so (``model.layout.prefix``); a cached step past them is left alone.
         """
         n = self.n_tokens
-        ids_hook, embed_hook = embed_hooks(model)
-        active = {"on": False}
+        _, embed_hook = embed_hooks(model)
 
-        def check(ids: Tensor, hook: Any) -> Tensor:
-            active["on"] = ids.shape[1] > n and bool((ids[:, :n] == self.placeholder_id).all())
-            return ids
+        def active(x: Tensor) -> bool:
+            layout = model.layout
+            if layout is None:
+                raise refuse_undeclared("a prefix controller")
+            if layout.prefix != n:
+                raise InputError(f"this forward places {layout.prefix} prefix slots, the applied prefix has {n}")
+            if layout.offset >= n:
+                return False  # the slots are in the KV cache already
+            if layout.offset > 0 or x.shape[1] < n:
+                raise InputError(f"a forward from column {layout.offset} covers only part of the {n} prefix slots")
+            return True
 
         def replace(x: Tensor, hook: Any) -> Tensor:
-            if not active["on"]:
+            if not active(x):
                 return x
             head = self.embeddings.to(device=x.device, dtype=x.dtype).expand(x.shape[0], n, x.shape[-1])
             return torch.cat([head, x[:, n:]], dim=1)
 
         def make(r: Tensor):
             def add(x: Tensor, hook: Any) -> Tensor:
-                if not active["on"]:
+                if not active(x):
                     return x
                 return torch.cat([x[:, :n] + r.to(device=x.device, dtype=x.dtype), x[:, n:]], dim=1)
 
             return add
 
-        return [(ids_hook, check), (embed_hook, replace)] + [(name, make(r)) for name, r in self.residuals.items()]
+        return [(embed_hook, replace)] + [(name, make(r)) for name, r in self.residuals.items()]
 
     @contextlib.contextmanager
     def applied(self, model: HookedChatModel) -> Iterator[HookedChatModel]:
-        """``with controller.applied(model): model.generate(prompts)`` — prompts without the prefix; it is added."""
+        """``with controller.applied(model): model.generate(prompts)`` — prompts without the prefix; every forward adds it.
+
+        The controller becomes model state (``model.prefix``): generation, scoring, gradients,
+        ``capture`` and ``run_with_cache`` all put its slots first and it replaces them.
+        """
         self.check_model(model)
-        if model.prefix_ids:
+        if model.prefix is not None:
             raise InputError("a prefix is already applied to this model; compose controllers instead of nesting them")
-        model.prefix_ids = [self.placeholder_id] * self.n_tokens
+        model.prefix = self
         try:
             with model.bridge.hooks(fwd_hooks=self.hooks(model)):
                 yield model
         finally:
-            model.prefix_ids = []
+            model.prefix = None
 
     def check_model(self, model: HookedChatModel) -> None:
         if self.model_id != model.model_id:

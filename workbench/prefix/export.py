@@ -49,11 +49,12 @@ def prefix_key_values(controller: PrefixController, model: HookedChatModel) -> F
     from transformers import DynamicCache
 
     n = controller.n_tokens
-    ids = model.as_tensor([controller.placeholder_id] * n + [model.pad_token_id])
     cache = DynamicCache()
     with controller.applied(model):
-        model.bridge(ids, attention_mask=torch.ones_like(ids), position_ids=torch.arange(n + 1, device=ids.device)[None],
-                     past_key_values=cache)
+        ids, mask, layout = model.rows_layout(model.as_tensor([model.pad_token_id]))  # the slots, then one token
+        with model.declared(layout):
+            model.bridge(ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                         position_ids=torch.arange(n + 1, device=ids.device)[None], past_key_values=cache)
     per_layer = [t[0, :, :n] for layer in cache.layers for t in (layer.keys, layer.values)]  # each [kv_heads, n, head_dim]
     if len(per_layer) != 2 * model.n_layers:
         raise InputError(f"{model.model_id}: the KV cache has {len(per_layer) // 2} layers, the model {model.n_layers}; "

@@ -3,10 +3,15 @@
 Why on disk, one record at a time: a search costs seconds per prompt, so a
 long run must survive being killed. Each record is written to a hidden temp
 folder and renamed into place (a reader never sees half a record); then one
-line is appended to ``index.jsonl`` and fsynced. The index line is the commit:
-a record folder without one is redone, a torn last line is ignored and cut off
-on resume. ``manifest.json`` pins model, task and search settings, and a rerun
-with different ones is refused (mixing them would make the data meaningless).
+line is appended to ``index.jsonl`` (:func:`workbench.store.append_jsonl`).
+The index line is the commit: a record folder without one is redone, a torn
+last line is dropped and cut off on resume. The run's fingerprint
+(``run.json``, :func:`workbench.store.check_fingerprint`) pins the model (id,
+weights, dtype, device type), the task's judge text, the search settings and
+version, the split and every prompt by position; a rerun with different ones
+is refused (mixing them would make the data meaningless), one with more
+prompts of the same split extends the data. ``manifest.json`` describes the
+data for training; a second process writing the same folder is refused.
 
 Filters (score improved, hidden-state shift small) are *not* applied here:
 the data keeps every outcome and :func:`workbench.prefix.train_prefix` filters
@@ -33,9 +38,25 @@ from tqdm.auto import tqdm
 
 from ..errors import IncompatibleArtifactError, InputError
 from ..selfcontrol.control import Control
-from ..selfcontrol.search import SelfControlConfig, config_dict, self_control
+from ..selfcontrol.search import (
+    SEARCH_VERSION,
+    SelfControlConfig,
+    SelfControlResult,
+    config_dict,
+    default_batch_prompts,
+    self_control_many,
+)
 from ..selfcontrol.tasks import Task, get_task
-from ..store import load_artifact, save_artifact
+from ..store import (
+    append_jsonl,
+    atomic_write_json,
+    check_fingerprint,
+    folder_lock,
+    load_artifact,
+    model_fingerprint,
+    read_jsonl,
+    save_artifact,
+)
 
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
@@ -73,15 +94,6 @@ def record_key(index: int, prompt: str) -> str:
     return f"{index:05d}-{hashlib.sha1(prompt.encode()).hexdigest()[:10]}"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST
     try:
@@ -95,55 +107,20 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def read_index(data_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """Committed index entries, and the byte length of the intact part (a torn last line is dropped)."""
-    path = Path(data_dir) / INDEX
-    if not path.exists():
-        return [], 0
-    raw = path.read_bytes()
-    entries: list[dict[str, Any]] = []
-    good = 0
-    offset = 0
-    for line in raw.split(b"\n"):
-        end = offset + len(line) + 1
-        if end > len(raw):  # no newline after it: a torn (or empty) last line
-            break
-        if line.strip():
-            try:
-                entries.append(json.loads(line))
-            except ValueError as err:
-                raise IncompatibleArtifactError(f"{path}: a corrupt line in the middle of the index ({err})") from err
-        good = end
-        offset = end
-    return entries, good
+def read_index(data_dir: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Committed index entries (a torn last line is dropped; cut off only with ``repair``, by the folder's writer)."""
+    return read_jsonl(Path(data_dir) / INDEX, repair=repair)
 
 
-def _open_index(data_dir: Path) -> Any:
-    """The index opened for appending, with any torn tail cut off first."""
-    path = data_dir / INDEX
-    _, good = read_index(data_dir)
-    if path.exists() and path.stat().st_size != good:
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return open(path, "a")
+def search_prompts(model: HookedChatModel, prompts: Sequence[str], task: Task,
+                   config: SelfControlConfig, batch_size: int | None = None) -> list[SelfControlResult]:
+    """SelfControl on each prompt: the one place synthesis and evaluation run their searches.
 
-
-def _check_manifest(data_dir: Path, manifest: dict[str, Any]) -> None:
-    path = data_dir / MANIFEST
-    if not path.exists():
-        _atomic_write(path, json.dumps(manifest, indent=2))
-        return
-    old = read_manifest(data_dir)
-    for key in ("model_id", "task", "config", "state_point"):
-        if old.get(key) != manifest.get(key):
-            diff = key
-            if isinstance(old.get(key), dict) and isinstance(manifest.get(key), dict):
-                diff = ", ".join(f"{key}.{k}" for k in sorted(set(old[key]) | set(manifest[key]))
-                                 if old[key].get(k) != manifest[key].get(k))
-            raise InputError(
-                f"{data_dir} was synthesised with a different {key} ({diff}): {old.get(key)!r} there vs "
-                f"{manifest.get(key)!r} now; use a new --out folder or the same settings to resume"
-            )
+    Batched across prompts (:func:`~workbench.selfcontrol.search.self_control_many`,
+    ``batch_size`` at once, default :func:`~workbench.selfcontrol.search.default_batch_prompts`);
+    a sharded run (Ray) calls this on each worker's chunk.
+    """
+    return self_control_many(model, list(prompts), task, config, batch_size=batch_size, progress=False)
 
 
 # ---- records -----------------------------------------------------------------------
@@ -191,8 +168,7 @@ def load_records(data_dir: str | Path, model: HookedChatModel | None = None) -> 
         raise IncompatibleArtifactError(
             f"{data_dir} was synthesised on {manifest['model_id']!r}, not {model.model_id!r}; synthesise on this model"
         )
-    entries, _ = read_index(data_dir)
-    return manifest, [load_record(data_dir, e, model) for e in entries]
+    return manifest, [load_record(data_dir, e, model) for e in read_index(data_dir)]
 
 
 def _write_record(data_dir: Path, key: str, tensors: dict[str, Tensor], config: dict[str, Any]) -> None:
@@ -213,6 +189,14 @@ def _clean_temp(data_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def synthesis_fingerprint(model: HookedChatModel, task: Task, split: str | None, prompts: Sequence[str],
+                          config: SelfControlConfig) -> dict[str, Any]:
+    """What a synthesis folder's data depends on (see the module docstring); ``prompts`` may only grow."""
+    return {"kind": "synthesis", "format_version": FORMAT_VERSION, "model": model_fingerprint(model),
+            "task": task.judge_dict(), "config": config_dict(config), "search_version": SEARCH_VERSION,
+            "state_point": STATE_POINT, "split": split, "prompts": {str(i): p for i, p in enumerate(prompts)}}
+
+
 def synthesize(
     model: HookedChatModel,
     task: Task | str,
@@ -221,15 +205,49 @@ def synthesize(
     *,
     limit: int | None = None,
     config: SelfControlConfig | None = None,
+    restart: bool = False,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Run SelfControl on each prompt and append one record per prompt to ``out_dir`` (resumable).
 
     ``prompts_or_split``: a split name of ``task`` (``"train"``) or a list of
-    prompt texts; ``limit`` keeps the first N. A rerun skips finished prompts.
+    prompt texts; ``limit`` keeps the first N. A rerun skips finished prompts;
+    one with other settings, another split or other prompts is refused
+    (:class:`~workbench.errors.ResumeMismatchError`) unless ``restart``, which
+    discards the folder's data first. ``batch_size``: prompts searched together, per call of
+    :func:`search_prompts` (default :func:`~workbench.selfcontrol.search.default_batch_prompts`;
+    records are committed after each call; results do not depend on it).
     Returns ``out_dir``.
     """
     task = get_task(task)
+    split, prompts = synthesis_prompts(task, prompts_or_split, limit)
+    if batch_size is None:
+        batch_size = default_batch_prompts(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    cfg = replace(config or SelfControlConfig(), progress=False)
+    data_dir = Path(out_dir)
+    with folder_lock(data_dir):
+        todo = open_synthesis(data_dir, synthesis_fingerprint(model, task, split, prompts, cfg),
+                              synthesis_manifest(model, task, cfg, split), prompts, restart=restart)
+        bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"synthesize [{task.id}]",
+                   disable=not progress, unit="prompt")
+        for first in range(0, len(todo), batch_size):
+            for record in compute_records(model, task, todo[first:first + batch_size], cfg):
+                commit_record(data_dir, record)
+                bar.update(1)
+                bar.set_postfix(gain=f"{record.entry['gain']:+.4f}")
+        bar.close()
+    return data_dir
+
+
+# ---- the three pieces of a run: open the folder, compute records, commit them -------------
+# Split so that a sharded run (workbench.distributed) computes on workers and commits on
+# the driver with the very same functions.
+def synthesis_prompts(task: Task, prompts_or_split: str | Sequence[str], limit: int | None) -> tuple[str | None, list[str]]:
+    """The split's name (``None`` for a list) and the prompts to run, the first ``limit``."""
+    split = prompts_or_split if isinstance(prompts_or_split, str) else None
     prompts = task.split(prompts_or_split) if isinstance(prompts_or_split, str) else list(prompts_or_split)
     if limit is not None:
         if limit < 1:
@@ -237,48 +255,77 @@ def synthesize(
         prompts = prompts[:limit]
     if not prompts:
         raise InputError("no prompts to synthesise")
-    cfg = replace(config or SelfControlConfig(), progress=False)
-    data_dir = Path(out_dir)
+    return split, prompts
+
+
+def synthesis_manifest(model: HookedChatModel, task: Task, cfg: SelfControlConfig, split: str | None) -> dict[str, Any]:
+    """``manifest.json``: what the data is, for training (the fingerprint is what a resume checks)."""
+    return {"kind": "synthesis", "format_version": FORMAT_VERSION, "model_id": model.model_id,
+            "d_model": model.d_model, "n_layers": model.n_layers, "dtype": str(model.dtype).replace("torch.", ""),
+            "task": task.judge_dict(), "config": config_dict(cfg), "state_point": STATE_POINT, "split": split}
+
+
+def open_synthesis(data_dir: Path, fingerprint: dict[str, Any], manifest: dict[str, Any], prompts: Sequence[str],
+                   *, restart: bool = False) -> list[tuple[int, str, str]]:
+    """Check the run's settings, repair the folder, and list ``(index, key, prompt)`` still to do.
+
+    The caller holds :func:`~workbench.store.folder_lock` on ``data_dir``.
+    """
+    check_fingerprint(data_dir, fingerprint, restart=restart, extendable=("prompts",),
+                      outputs=(INDEX, RECORDS, MANIFEST))
     (data_dir / RECORDS).mkdir(parents=True, exist_ok=True)
-    manifest = {"kind": "synthesis", "format_version": FORMAT_VERSION, "model_id": model.model_id,
-                "d_model": model.d_model, "n_layers": model.n_layers, "task": task.judge_dict(),
-                "config": config_dict(cfg), "state_point": STATE_POINT}
-    _check_manifest(data_dir, manifest)
+    if not (data_dir / MANIFEST).is_file():
+        atomic_write_json(data_dir / MANIFEST, manifest)
     _clean_temp(data_dir)
-    done = {e["key"] for e in read_index(data_dir)[0]}
+    done = {e["key"] for e in read_index(data_dir, repair=True)}
     keys = [record_key(i, p) for i, p in enumerate(prompts)]
-    todo = [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
+    return [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
+
+
+@dataclass
+class SynthesisRecord:
+    """One prompt's record as plain data (CPU tensors): the record folder's tensors and config, the index line."""
+
+    key: str
+    tensors: dict[str, Tensor]
+    config: dict[str, Any]
+    entry: dict[str, Any]
+
+
+def compute_records(model: HookedChatModel, task: Task, chunk: Sequence[tuple[int, str, str]],
+                    cfg: SelfControlConfig) -> list[SynthesisRecord]:
+    """Search and capture each ``(index, key, prompt)`` of ``chunk`` (one :func:`search_prompts` call); no file access."""
+    if not chunk:
+        return []
     state_hooks = model.hook_names(None, STATE_POINT)
-    bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"synthesize [{task.id}]",
-               disable=not progress, unit="prompt")
-    with _open_index(data_dir) as index:
-        for i, key, prompt in todo:
-            start = time.perf_counter()
-            result = self_control(model, prompt, task, cfg)
-            clean = capture_states(model, result.prompt_ids, state_hooks)
-            hidden = capture_states(model, result.prompt_ids, state_hooks, control=result.control)
-            shift = (hidden - clean).norm(dim=(1, 2)) / clean.norm(dim=(1, 2)).clamp_min(1e-12)
-            tensors = {"prompt_ids": torch.as_tensor(result.prompt_ids, dtype=torch.long), "hidden": hidden}
-            tensors.update({f"control.{n}": d.detach().float() for n, d in result.control.deltas.items()})
-            _write_record(data_dir, key, tensors, {
-                "model_id": model.model_id, "d_model": model.d_model, "state_hooks": state_hooks,
-                "control_hooks": result.control.hook_names, "prompt": prompt, "task": task.id,
-            })
-            entry = {
-                "key": key, "index": i, "prompt": prompt, "prompt_ids": result.prompt_ids,
-                "initial_score": result.initial_score, "score": result.score, "gain": result.gain,
-                "original_nll": result.original_nll, "nll": result.nll,
-                "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
-                "shift_fraction": shift.tolist(), "max_shift_fraction": float(shift.max()),
-                "control_norm": result.control.norms().norm(dim=-1).tolist(),
-                "state_norm": clean.norm(dim=(1, 2)).tolist(),
-                "original_response": result.original_response, "response": result.response,
-                "seconds": round(time.perf_counter() - start, 3),
-            }
-            index.write(json.dumps(entry) + "\n")
-            index.flush()
-            os.fsync(index.fileno())
-            bar.update(1)
-            bar.set_postfix(gain=f"{result.gain:+.4f}")
-    bar.close()
-    return data_dir
+    start = time.perf_counter()
+    results = search_prompts(model, [p for _, _, p in chunk], task, cfg, batch_size=len(chunk))
+    seconds = (time.perf_counter() - start) / len(chunk)
+    out = []
+    for (i, key, prompt), result in zip(chunk, results, strict=True):
+        clean = capture_states(model, result.prompt_ids, state_hooks)
+        hidden = capture_states(model, result.prompt_ids, state_hooks, control=result.control)
+        shift = (hidden - clean).norm(dim=(1, 2)) / clean.norm(dim=(1, 2)).clamp_min(1e-12)
+        tensors = {"prompt_ids": torch.as_tensor(result.prompt_ids, dtype=torch.long), "hidden": hidden.cpu()}
+        tensors.update({f"control.{n}": d.detach().float().cpu() for n, d in result.control.deltas.items()})
+        config = {"model_id": model.model_id, "d_model": model.d_model, "state_hooks": state_hooks,
+                  "control_hooks": result.control.hook_names, "prompt": prompt, "task": task.id}
+        entry = {
+            "key": key, "index": i, "prompt": prompt, "prompt_ids": result.prompt_ids,
+            "initial_score": result.initial_score, "score": result.score, "gain": result.gain,
+            "original_nll": result.original_nll, "nll": result.nll,
+            "iterations_accepted": result.iterations_accepted, "iterations_run": len(result.iterations),
+            "shift_fraction": shift.tolist(), "max_shift_fraction": float(shift.max()),
+            "control_norm": result.control.norms().norm(dim=-1).tolist(),
+            "state_norm": clean.norm(dim=(1, 2)).tolist(),
+            "original_response": result.original_response, "response": result.response,
+            "seconds": round(seconds, 3),
+        }
+        out.append(SynthesisRecord(key, tensors, config, entry))
+    return out
+
+
+def commit_record(data_dir: Path, record: SynthesisRecord) -> None:
+    """Write the record folder, then its index line (the commit; the caller holds the folder's lock)."""
+    _write_record(data_dir, record.key, record.tensors, record.config)
+    append_jsonl(data_dir / INDEX, record.entry)

@@ -11,6 +11,7 @@ is offered too, and both errors are reported. Records are filtered first
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from collections import Counter
@@ -108,8 +109,7 @@ def _batch_states(
 ) -> tuple[Float[Tensor, "batch layer pos d_model"], Tensor]:
     """Hidden states at the prompt positions (after the prefix, if any), right-padded, and the valid-position mask."""
     n = controller.n_tokens if controller is not None else 0
-    head = [controller.placeholder_id] * n if controller is not None else []
-    ids, mask, _ = right_pad([head + r.prompt_ids for r in records], model.pad_token_id, model.device)
+    prompts, mask, _ = right_pad([r.prompt_ids for r in records], model.pad_token_id, model.device)
     cache: dict[str, Tensor] = {}
 
     def make(name: str):
@@ -119,9 +119,11 @@ def _batch_states(
 
         return keep
 
-    hooks = (controller.hooks(model) if controller is not None else []) + [(h, make(h)) for h in hook_names]
-    with model.bridge.hooks(fwd_hooks=hooks):
-        model.bridge(ids, attention_mask=mask)
+    # the controller becomes the model's applied prefix (its live parameters, so gradients reach them)
+    with controller.applied(model) if controller is not None else contextlib.nullcontext():
+        ids, mask, layout = model.rows_layout(prompts, mask)
+        with model.declared(layout), model.bridge.hooks(fwd_hooks=[(h, make(h)) for h in hook_names]):
+            model.bridge(ids, attention_mask=mask)
     states = torch.stack([cache[h][:, n:].to(model.device) for h in hook_names], dim=1)  # layers may sit on several devices
     valid = mask[:, n:].bool()
     return states, valid

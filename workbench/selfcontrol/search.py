@@ -2,7 +2,8 @@
 
 Per iteration: gradient at the current control; candidate controls
 ``Δ + η·g`` for ``η = initial_step · step_scale**k``; one batched generation
-for all candidates (and first-token branches); each candidate keeps its best
+for all candidates (and first-token branches), across prompts too
+(:func:`self_control_many`; one prompt is the batch of one); each candidate keeps its best
 fluent branch by the clean model's suffix score; the first candidate (smallest
 |η|) that beats the best score so far by more than ``threshold`` and passes the
 fluency guard is accepted. Stops when none is accepted. Returns the global
@@ -16,6 +17,7 @@ token salad (DESIGN.md §1).
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,11 +30,20 @@ from tqdm.auto import tqdm
 from ..errors import InputError, NumericalError
 from .control import Control
 from .fluency import is_degenerate
-from .suffix import DEFAULT_TEMPERATURE, Loss, StepMode, score_responses, suffix_gradients
+from .suffix import DEFAULT_TEMPERATURE, Loss, StepMode, score_responses, suffix_gradients_many
 from .tasks import CompiledSuffix, Task, get_task
 
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
+
+#: Version of the search's *behaviour*: bump it with any change that can change a result for the same settings
+#: (step geometry, acceptance rule, scoring). Caches and resumable runs key on it, so old results stop being served.
+SEARCH_VERSION = 3  # 3: batched search across prompts, scoring unembeds only the positions it reads
+SCORE_ROWS = 64  # rows (answers x suffixes) per clean scoring forward
+CPU_BATCH_PROMPTS = 8
+#: Seconds spent in each part of the search in this process (``gradient``, ``generation``,
+#: ``scoring``): the throughput benchmark reads it to say where the time goes.
+TIMINGS: dict[str, float] = {"gradient": 0.0, "generation": 0.0, "scoring": 0.0}
 
 
 @dataclass
@@ -213,6 +224,53 @@ class SelfControlResult:
             display.heading("prompt"), display.text(self.prompt), answers, display.heading("trajectory"), *steps)
 
 
+Option = tuple[list[int], float, float, int]  # (response ids, score, nll, branch)
+
+
+def evaluate_many(
+    model: HookedChatModel,
+    jobs: Sequence[tuple[Sequence[int], Sequence[Control], int]],
+    suffixes: list[CompiledSuffix],
+    cfg: SelfControlConfig,
+) -> list[list[list[Option]]]:
+    """Per job ``(prompt ids, controls, seed)``: generate under each control and score each branch on the clean model.
+
+    All controls of all jobs run in one left-padded generation (each row's control on its
+    own prompt; each job samples from its own seed) and all answers are scored in one clean
+    forward that shares each prompt's KV cache. Returns per job, per control its branches
+    as (response ids, score, nll, branch), best score first.
+    """
+    rows, controls, groups = [], [], []
+    for g, (prompt_ids, cs, _) in enumerate(jobs):
+        for c in cs:
+            rows.append(list(prompt_ids))
+            controls.append(c)
+            groups.append(g)
+    batch = Control.stack(controls) if len(controls) > 1 else controls[0]
+    start = time.perf_counter()
+    with batch.applied(model):
+        gen = model.generate(rows, max_new_tokens=cfg.max_new_tokens, branches=cfg.branches, do_sample=cfg.do_sample,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=[seed for _, _, seed in jobs],
+                             seed_groups=groups)
+    middle = time.perf_counter()
+    scored = score_responses(model, gen.prompts, gen.tokens, suffixes, temperature=cfg.score_temperature,
+                             batch_size=SCORE_ROWS)
+    TIMINGS["generation"] += middle - start
+    TIMINGS["scoring"] += time.perf_counter() - middle
+    out: list[list[list[Option]]] = []
+    row = 0
+    for _, cs, _ in jobs:
+        per_job = []
+        for _ in cs:
+            span = range(row * cfg.branches, (row + 1) * cfg.branches)
+            options = [(gen.tokens[r], float(scored.scores[r]), float(scored.nll[r]), r - span.start) for r in span]
+            options.sort(key=lambda o: -o[1])
+            per_job.append(options)
+            row += 1
+        out.append(per_job)
+    return out
+
+
 def evaluate_controls(
     model: HookedChatModel,
     prompt_ids: list[int],
@@ -220,23 +278,9 @@ def evaluate_controls(
     suffixes: list[CompiledSuffix],
     cfg: SelfControlConfig,
     seed: int,
-) -> list[list[tuple[list[int], float, float, int]]]:
-    """Generate under each control (one batch) and score each branch on the clean model.
-
-    Returns per control its branches as (response ids, score, nll, branch), best score first.
-    """
-    batch = Control.stack(controls) if len(controls) > 1 else controls[0]
-    with batch.applied(model):
-        gen = model.generate([prompt_ids] * len(controls), max_new_tokens=cfg.max_new_tokens, branches=cfg.branches,
-                             do_sample=cfg.do_sample, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)
-    scored = score_responses(model, [prompt_ids], gen.tokens, suffixes, temperature=cfg.score_temperature)
-    out = []
-    for c in range(len(controls)):
-        rows = range(c * cfg.branches, (c + 1) * cfg.branches)
-        options = [(gen.tokens[r], float(scored.scores[r]), float(scored.nll[r]), r - c * cfg.branches) for r in rows]
-        options.sort(key=lambda o: -o[1])
-        out.append(options)
-    return out
+) -> list[list[Option]]:
+    """:func:`evaluate_many` for one prompt: per control its branches, best score first."""
+    return evaluate_many(model, [(prompt_ids, controls, seed)], suffixes, cfg)[0]
 
 
 def _guard(tokens: list[int], nll: float, reference_nll: float, cfg: SelfControlConfig) -> str | None:
@@ -258,6 +302,195 @@ def _pick(options, reference_nll: float, cfg: SelfControlConfig) -> tuple[tuple,
     return options[0], _guard(options[0][0], options[0][2], reference_nll, cfg)
 
 
+@dataclass
+class _Search:
+    """One prompt's search state inside :func:`self_control_many`."""
+
+    index: int
+    prompt: str
+    prompt_ids: list[int]
+    started: float
+    best: dict[str, Any] = field(default_factory=dict)
+    original: Option | None = None
+    iterations: list[Iteration] = field(default_factory=list)
+    done: bool = False
+    reported: int = 0  # progress-bar steps already counted
+
+    def seed(self, cfg: SelfControlConfig) -> int:
+        """The original answer's seed, then one per iteration: per prompt, whatever the batch."""
+        return cfg.seed + 1000 * len(self.iterations) if self.original is not None else cfg.seed
+
+
+def _judge(model: HookedChatModel, cfg: SelfControlConfig, steps: list[float], suffixes: list[CompiledSuffix],
+           search: _Search, grads: Any, controls: list[Control], evaluated: list[list[Option]] | None) -> None:
+    """Accept the first fluent candidate that beats the best score (one iteration of one prompt)."""
+    best, original_nll = search.best, search.original[2]
+    candidates: list[Candidate] = []
+    accepted = None
+    seed = search.seed(cfg)
+    for k, eta in enumerate(steps):
+        if accepted is not None and evaluated is None:
+            candidates.append(Candidate(eta, [], "", float("nan"), float("nan"), -1, "not evaluated"))
+            continue
+        options = evaluated[k] if evaluated is not None else evaluate_controls(model, search.prompt_ids, [controls[k]],
+                                                                               suffixes, cfg, seed)[0]
+        (ids, score, nll, branch), reason = _pick(options, original_nll, cfg)
+        status = reason or ("not better" if score <= best["score"] + cfg.threshold or accepted is not None else "accepted")
+        if status == "not better" and accepted is not None and reason is None and score > best["score"] + cfg.threshold:
+            status = "better, later step"
+        candidates.append(Candidate(eta, list(ids), model.decode(ids), score, nll, branch, status))
+        if status == "accepted":
+            accepted = (k, ids, score, nll)
+    if accepted is not None:
+        k, ids, score, nll = accepted
+        search.best = {"ids": list(ids), "score": score, "nll": nll, "control": controls[k]}
+    search.iterations.append(Iteration(len(search.iterations), grads.loss, grads.score, grads.raw_norms, grads.norms(),
+                                       candidates, steps[accepted[0]] if accepted else None, search.best["control"],
+                                       search.best["score"]))
+    if accepted is None or len(search.iterations) >= cfg.iterations:
+        search.done = True
+
+
+def self_control_many(
+    model: HookedChatModel,
+    prompts: Sequence[str | Sequence[int]],
+    task: Task | str,
+    config: SelfControlConfig | None = None,
+    *,
+    batch_size: int | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[SelfControlResult]:
+    """SelfControl on many prompts at once: one :class:`SelfControlResult` per prompt, as :func:`self_control` gives.
+
+    Up to ``batch_size`` prompts are searched together (default: :func:`default_batch_prompts`).
+    Per round, the gradients of all iterating prompts come from one forward and one
+    backward (rows = prompts x suffixes); the candidates of all of them (x branches),
+    with the original answers of prompts just joining, from one generation; all answers
+    are scored in one clean forward. A prompt that stops leaves the batch and the next
+    waiting prompt takes its place. Seeds are per prompt, so results do not depend on
+    ``batch_size``; one progress bar counts each prompt's original answer and iterations.
+    """
+    cfg = resolve_config(config, **overrides)
+    steps = cfg.steps()
+    task = get_task(task)
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+        raise InputError("self_control_many takes a list of prompts (texts or token-id lists)")
+    prompts = list(prompts)
+    if not prompts:
+        return []
+    if batch_size is None:
+        batch_size = default_batch_prompts(model)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    suffixes = task.compile(model, task.questions(cfg.paraphrases))
+    names = model.hook_names(cfg.layers, cfg.point)
+    ids_of = [model.chat_ids(p) if isinstance(p, str) else list(p) for p in prompts]
+    for ids in ids_of:
+        if not ids:
+            raise InputError("empty prompt: every prompt needs at least one token")
+    waiting: list[int | _Search] = list(range(len(prompts)))  # prompt indices, or searches paused by an OOM
+    active: list[_Search] = []
+    finished: dict[int, SelfControlResult] = {}
+    per_prompt = cfg.iterations + 1
+    bar = tqdm(total=len(prompts) * per_prompt, desc=f"self-control [{task.id}]", unit="step",
+               disable=not (progress and cfg.progress), leave=False)
+    while waiting or active:
+        while waiting and len(active) < batch_size:
+            i = waiting.pop(0)
+            if isinstance(i, _Search):
+                active.append(i)
+                continue
+            text = prompts[i] if isinstance(prompts[i], str) else model.decode(ids_of[i])
+            active.append(_Search(i, text, ids_of[i], time.perf_counter()))
+        try:
+            _round(model, cfg, steps, suffixes, names, active)
+        except _OutOfMemory as err:
+            if len(active) == 1:
+                raise err.error from None
+            batch_size = max(1, len(active) // 2)
+            warnings.warn(f"out of device memory with {len(active)} prompts in the batch: continuing with {batch_size}",
+                          stacklevel=2)
+            # a round changes no search before its last forward succeeds: the paused ones resume where they were
+            waiting = active[batch_size:] + waiting
+            active = active[:batch_size]
+            continue
+        for search in list(active):
+            progressed = per_prompt if search.done else 1 + len(search.iterations)
+            bar.update(progressed - search.reported)
+            search.reported = progressed
+            if search.done:
+                finished[search.index] = _result(model, task, cfg, names, search)
+                active.remove(search)
+        bar.set_postfix(done=f"{len(finished)}/{len(prompts)}", active=len(active),
+                        gain=f"{sum(r.gain for r in finished.values()) / max(1, len(finished)):+.4f}")
+    bar.close()
+    return [finished[i] for i in range(len(prompts))]
+
+
+class _OutOfMemory(Exception):
+    """A round ran out of device memory (wraps ``torch.cuda.OutOfMemoryError``); the batch is halved."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def _round(model: HookedChatModel, cfg: SelfControlConfig, steps: list[float], suffixes: list[CompiledSuffix],
+           names: list[str], active: list[_Search]) -> None:
+    """One round for the active prompts: gradients, one generation, one scoring forward, the accept decisions."""
+    try:
+        _round_unguarded(model, cfg, steps, suffixes, names, active)
+    except torch.cuda.OutOfMemoryError as err:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise _OutOfMemory(err) from err
+
+
+def _round_unguarded(model: HookedChatModel, cfg: SelfControlConfig, steps: list[float], suffixes: list[CompiledSuffix],
+                     names: list[str], active: list[_Search]) -> None:
+    starting = [s for s in active if s.original is None]
+    iterating = [s for s in active if s.original is not None and not s.done]
+    grads = []
+    start = time.perf_counter()
+    if iterating:
+        grads = suffix_gradients_many(model, [s.prompt_ids for s in iterating], [s.best["ids"] for s in iterating],
+                                      suffixes, controls=[s.best["control"] for s in iterating], loss=cfg.loss,
+                                      point=cfg.point, layers=cfg.layers, clip=cfg.clip, top_k=cfg.grad_top_k,
+                                      temperature=cfg.score_temperature)
+    TIMINGS["gradient"] += time.perf_counter() - start
+    candidates = []
+    for s, g in zip(iterating, grads, strict=True):
+        controls = [s.best["control"] + g.step(eta, cfg.step_mode) for eta in steps]
+        for c in controls:
+            if not all(torch.isfinite(d).all() for d in c.deltas.values()):
+                raise NumericalError("a candidate control is NaN/inf; use smaller steps")
+        candidates.append(controls)
+    jobs = [(s.prompt_ids, [Control.zeros(model, s.prompt_ids, names)], s.seed(cfg)) for s in starting]
+    if cfg.batch_candidates:
+        jobs += [(s.prompt_ids, controls, s.seed(cfg)) for s, controls in zip(iterating, candidates, strict=True)]
+    evaluated = evaluate_many(model, jobs, suffixes, cfg) if jobs else []
+    for s, options in zip(starting, evaluated[: len(starting)], strict=True):
+        s.original = options[0][0]  # the clean model's own best branch: no guard on the reference
+        s.best = {"ids": list(s.original[0]), "score": s.original[1], "nll": s.original[2], "control": s.best.get("control")
+                  or Control.zeros(model, s.prompt_ids, names)}
+        if cfg.iterations == 0:
+            s.done = True
+    rest = evaluated[len(starting):] if cfg.batch_candidates else [None] * len(iterating)
+    for s, g, controls, options in zip(iterating, grads, candidates, rest, strict=True):
+        _judge(model, cfg, steps, suffixes, s, g, controls, options)
+
+
+def _result(model: HookedChatModel, task: Task, cfg: SelfControlConfig, names: list[str], s: _Search) -> SelfControlResult:
+    original_ids, initial_score, original_nll = s.original[0], s.original[1], s.original[2]
+    return SelfControlResult(
+        task_id=task.id, prompt=s.prompt, prompt_ids=s.prompt_ids, original_ids=list(original_ids),
+        original_response=model.decode(original_ids), initial_score=initial_score, response_ids=list(s.best["ids"]),
+        response=model.decode(s.best["ids"]), score=s.best["score"], control=s.best["control"], iterations=s.iterations,
+        seconds=time.perf_counter() - s.started, config=cfg, original_nll=original_nll, nll=s.best["nll"], hook_names=names,
+    )
+
+
 def self_control(
     model: HookedChatModel,
     prompt: str | Sequence[int],
@@ -265,62 +498,50 @@ def self_control(
     config: SelfControlConfig | None = None,
     **overrides: Any,
 ) -> SelfControlResult:
-    """Steer one prompt's answer toward ``task``'s target by suffix gradients (SelfControl)."""
-    cfg = resolve_config(config, **overrides)
-    steps = cfg.steps()
-    task = get_task(task)
-    start = time.perf_counter()
-    prompt_ids = model.chat_ids(prompt) if isinstance(prompt, str) else list(prompt)
-    prompt_text = prompt if isinstance(prompt, str) else model.decode(prompt_ids)
-    suffixes = task.compile(model, task.questions(cfg.paraphrases))
-    names = model.hook_names(cfg.layers, cfg.point)
-    zero = Control.zeros(model, len(prompt_ids), names)
+    """Steer one prompt's answer toward ``task``'s target by suffix gradients (SelfControl): :func:`self_control_many` of one."""
+    if not isinstance(prompt, str) and (not isinstance(prompt, Sequence) or any(not isinstance(t, int) for t in prompt)):
+        raise InputError("a prompt is a text or a list of token ids")
+    return self_control_many(model, [prompt], task, config, batch_size=1, **overrides)[0]
 
-    original_options = evaluate_controls(model, prompt_ids, [zero], suffixes, cfg, cfg.seed)[0]
-    original = original_options[0]  # the clean model's own best branch: no guard on the reference
-    original_ids, initial_score, original_nll = original[0], original[1], original[2]
-    best = {"ids": original_ids, "score": initial_score, "nll": original_nll, "control": zero}
-    iterations: list[Iteration] = []
-    bar = tqdm(range(cfg.iterations), desc=f"self-control [{task.id}]", disable=not cfg.progress, leave=False)
-    for it in bar:
-        grads = suffix_gradients(model, prompt_ids, best["ids"], suffixes, control=best["control"], loss=cfg.loss,
-                                 point=cfg.point, layers=cfg.layers, clip=cfg.clip, top_k=cfg.grad_top_k,
-                                 temperature=cfg.score_temperature)
-        controls = [best["control"] + grads.step(eta, cfg.step_mode) for eta in steps]
-        for c in controls:
-            if not all(torch.isfinite(d).all() for d in c.deltas.values()):
-                raise NumericalError("a candidate control is NaN/inf; use smaller steps")
-        candidates: list[Candidate] = []
-        accepted = None
-        seed = cfg.seed + 1000 * (it + 1)
-        if cfg.batch_candidates:
-            evaluated = evaluate_controls(model, prompt_ids, controls, suffixes, cfg, seed)
-        else:
-            evaluated = []
-        for k, eta in enumerate(steps):
-            if accepted is not None and not cfg.batch_candidates:
-                candidates.append(Candidate(eta, [], "", float("nan"), float("nan"), -1, "not evaluated"))
-                continue
-            options = evaluated[k] if cfg.batch_candidates else evaluate_controls(model, prompt_ids, [controls[k]], suffixes, cfg, seed)[0]
-            (ids, score, nll, branch), reason = _pick(options, original_nll, cfg)
-            status = reason or ("not better" if score <= best["score"] + cfg.threshold or accepted is not None else "accepted")
-            if status == "not better" and accepted is not None and reason is None and score > best["score"] + cfg.threshold:
-                status = "better, later step"
-            candidates.append(Candidate(eta, list(ids), model.decode(ids), score, nll, branch, status))
-            if status == "accepted":
-                accepted = (k, ids, score, nll)
-        if accepted is not None:
-            k, ids, score, nll = accepted
-            best = {"ids": list(ids), "score": score, "nll": nll, "control": controls[k]}
-        iterations.append(Iteration(it, grads.loss, grads.score, grads.raw_norms, grads.norms(), candidates,
-                                    steps[accepted[0]] if accepted else None, best["control"], best["score"]))
-        bar.set_postfix(score=f"{best['score']:.4f}")
-        if accepted is None:
-            break
-    bar.close()
-    return SelfControlResult(
-        task_id=task.id, prompt=prompt_text, prompt_ids=prompt_ids, original_ids=list(original_ids),
-        original_response=model.decode(original_ids), initial_score=initial_score, response_ids=list(best["ids"]),
-        response=model.decode(best["ids"]), score=best["score"], control=best["control"], iterations=iterations,
-        seconds=time.perf_counter() - start, config=cfg, original_nll=original_nll, nll=best["nll"], hook_names=names,
-    )
+
+def default_batch_prompts(model: HookedChatModel) -> int:
+    """How many prompts to search at once when not told.
+
+    CUDA: from free memory, budgeting per prompt the activations of its candidate rows
+    (gradient and generation) at the model's size. CPU: :data:`CPU_BATCH_PROMPTS`, the best
+    measured on a 2-core machine (``python -m analyses.throughput``; larger batches gain little there).
+    """
+    if model.device.type != "cuda":
+        return CPU_BATCH_PROMPTS
+    free, _ = torch.cuda.mem_get_info(model.device)
+    element = torch.tensor([], dtype=model.dtype).element_size()
+    # per prompt: ~8 candidate rows x 512 positions x (layers x d_model residual + vocab logits), x4 for the backward
+    per_prompt = 8 * 512 * (model.n_layers * model.d_model * 4 + model.d_vocab) * element
+    return int(max(1, min(64, (free * 0.5) // per_prompt)))
+
+
+def compare_searches(a: SelfControlResult, b: SelfControlResult, tolerance: float = 1e-4) -> dict[str, int]:
+    """Did two searches of one prompt accept the same step at every iteration? Counts of iterations.
+
+    ``same``: equal accepted step (or both none). ``tie``: they differ, but in one of them a
+    candidate's accept decision was within ``tolerance`` of the bar it had to clear (two
+    scores that close are equal up to float noise, so either choice is right); the
+    trajectories part there, so later iterations are not compared. ``different``: anything else.
+    """
+    out = {"compared": 0, "same": 0, "tie": 0, "different": 0}
+    before_a, before_b = a.initial_score, b.initial_score
+    for ia, ib in zip(a.iterations, b.iterations, strict=False):
+        out["compared"] += 1
+        if ia.accepted_step == ib.accepted_step:
+            out["same"] += 1
+            before_a, before_b = ia.best_score, ib.best_score
+            continue
+
+        def close(it: Iteration, bar: float) -> bool:
+            return any(abs(c.score - (bar + a.config.threshold)) <= tolerance for c in it.candidates if c.score == c.score)
+
+        out["tie" if close(ia, before_a) or close(ib, before_b) else "different"] += 1
+        break
+    if out["different"] == 0 and out["tie"] == 0 and len(a.iterations) != len(b.iterations):
+        out["different"] += 1  # one stopped, the other went on with the same steps: cannot happen without a tie
+    return out
