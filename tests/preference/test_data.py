@@ -167,7 +167,7 @@ def append_then_die(*args, **kwargs):  # the second prompt's line is on disk, pa
         os.kill(os.getpid(), 9)
 data.append_jsonl = append_then_die
 model = wb.load_model("tiny-random", progress=False)
-data.preference_data(model, "angry2peaceful", "train", sys.argv[1], limit=int(sys.argv[2]), progress=False,
+data.preference_data(model, "angry2peaceful", "train", sys.argv[1], limit=int(sys.argv[2]), progress=False, batch_size=1,
                      config=SelfControlConfig(iterations=2, n_steps=3, initial_step=-0.1,
                                               max_new_tokens=6, fluency_margin=5.0))
 """

@@ -56,7 +56,8 @@ def _data_args(parser: argparse.ArgumentParser) -> None:
                         help="instead of SelfControl, chosen = the answer when the behaviour is asked for in words")
     parser.add_argument("--prompt-style", choices=["user", "system"], default="user",
                         help="--baseline prompt: the instruction prepended to the user turn, or as the system message")
-    parser.add_argument("--batch-prompts", type=int, default=1, help="prompts searched at once (each batch is saved when done)")
+    parser.add_argument("--batch-prompts", type=int, default=None,
+                        help="prompts searched at once, each batch saved when done (default: from free GPU memory on CUDA, 8 on CPU)")
     parser.add_argument("--restart", action="store_true", help="discard the folder's finished prompts and start again")
     add_search_options(parser)
 

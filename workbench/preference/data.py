@@ -41,11 +41,19 @@ from ..selfcontrol.search import (
     SelfControlResult,
     _guard,
     config_dict,
-    self_control,
+    default_batch_prompts,
+    self_control_many,
 )
 from ..selfcontrol.suffix import score_responses
 from ..selfcontrol.tasks import Task, get_task
-from ..store import append_jsonl, atomic_write_json, check_fingerprint, folder_lock, read_jsonl
+from ..store import (
+    append_jsonl,
+    atomic_write_json,
+    check_fingerprint,
+    folder_lock,
+    model_fingerprint,
+    read_jsonl,
+)
 from .pairs import PAIRS_FILE, pair, write_pairs
 
 if TYPE_CHECKING:
@@ -88,11 +96,8 @@ class PreferenceData:
 
 
 def controlled_answers(model: HookedChatModel, prompts: Sequence[str], task: Task, config: SelfControlConfig) -> list[SelfControlResult]:
-    """SelfControl's search on every prompt: the one place the search runs for the data.
-
-    One call for a batch of prompts, so the batched search (``self_control_many``) replaces this loop in one line.
-    """
-    return [self_control(model, p, task, config) for p in prompts]
+    """SelfControl's search on every prompt, batched (``self_control_many``): the one place the search runs for the data."""
+    return self_control_many(model, list(prompts), task, config, batch_size=len(prompts), progress=False)
 
 
 def _answer(model: HookedChatModel, ids: list[int], cfg: SelfControlConfig) -> list[int]:
@@ -180,7 +185,7 @@ def preference_data(
     baseline: str | None = None,
     prompt_style: str = "user",
     config: SelfControlConfig | None = None,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     restart: bool = False,
     progress: bool = True,
 ) -> PreferenceData:
@@ -189,8 +194,8 @@ def preference_data(
     ``baseline=None``: SelfControl's controlled answer is ``chosen``; ``baseline="prompt"``:
     the instructed answer is. ``min_gain``: the least suffix-score gain of ``chosen`` over
     ``rejected`` for a pair to be kept. ``config``: the search settings (and, for both modes,
-    the decoding and the fluency margin). ``batch_size``: prompts handed to the search at once
-    (each batch is saved when done). A rerun with the same settings skips finished prompts;
+    the decoding and the fluency margin). ``batch_size``: prompts searched at once (each batch is
+    saved when done; default :func:`~workbench.selfcontrol.search.default_batch_prompts`). A rerun with the same settings skips finished prompts;
     with other settings it raises :class:`~workbench.errors.ResumeMismatchError` unless ``restart``.
     """
     task = get_task(task)
@@ -201,6 +206,8 @@ def preference_data(
         task.instructed("x", prompt_style)  # no instruction, or a bad style: refused before any work
     if not min_gain >= 0:
         raise InputError(f"min_gain must be >= 0, got {min_gain}")
+    if batch_size is None:
+        batch_size = default_batch_prompts(model)
     if batch_size < 1:
         raise InputError(f"batch_size must be at least 1, got {batch_size}")
     source = prompts_or_split if isinstance(prompts_or_split, str) else "list"
@@ -213,7 +220,7 @@ def preference_data(
         raise InputError("no prompts to make preference pairs from")
     cfg = replace(config or SelfControlConfig(), progress=False)
     fingerprint = {
-        "kind": "preference-data", "format": FORMAT, "model_id": model.model_id, "task": task.judge_dict(),
+        "kind": "preference-data", "format": FORMAT, "model": model_fingerprint(model), "task": task.judge_dict(),
         "mode": mode, "prompt_style": prompt_style if mode == "prompt" else None, "source": source,
         "min_gain": float(min_gain), "search": config_dict(cfg),
     }
