@@ -70,19 +70,20 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def dpo_model(data: Path, out: Path, args: argparse.Namespace, n_pairs: int) -> dict[str, Any] | None:
-    """Train (or reuse) the DPO model on ``data``; None when there is no pair to train on."""
+def dpo_model(data: Path, out: Path, args: argparse.Namespace, n_pairs: int) -> tuple[dict[str, Any] | None, bool]:
+    """Train (or reuse) the DPO model on ``data``: (its summary, None when no pair was kept; whether it was trained now)."""
     if n_pairs == 0:
-        return None
+        return None, False
     wanted = {"epochs": args.epochs, "lr": args.lr, "beta": args.beta, "lora_rank": args.lora,
               "batch_size": args.dpo_batch_size, "seed": args.seed}
     old = read_report(out) if (out / REPORT_FILE).is_file() else None
-    if old is None or old["n_pairs"] != n_pairs or any(old["settings"].get(k) != v for k, v in wanted.items()):
+    trained = old is None or old["n_pairs"] != n_pairs or any(old["settings"].get(k) != v for k, v in wanted.items())
+    if trained:
         train_dpo(data, out, model=args.model, device=args.device, overwrite=True, progress=False, **wanted)
     report = read_report(out)
     return {"n_pairs": report["n_pairs"], "steps": len(report["steps"]), "final": report["final"],
             "first_loss": report["steps"][0]["loss"], "last_loss": report["steps"][-1]["loss"],
-            "seconds": report["seconds"], "settings": report["settings"]}
+            "seconds": report["seconds"], "settings": report["settings"]}, trained
 
 
 def prefix_controller(model: wb.HookedChatModel, task_id: str, folder: Path, args: argparse.Namespace,
@@ -215,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"model": model.model_id, "settings": vars(args), "tasks": {}}
     for task in tasks:
         entry: dict[str, Any] = {"pairs": {}, "dpo": {}}
+        retrained = False
         for source in SOURCES:
             data = preference_data(model, task, "train", folder / "pairs" / source / task.id, limit=args.limit,
                                    min_gain=args.min_gain, baseline=None if source == "selfcontrol" else source,
@@ -222,7 +224,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             print(data.summary())
             entry["pairs"][source] = {k: data.manifest[k] for k in ("n_prompts", "n_kept", "dropped", "mean_gain_kept",
                                                                   "seconds_per_prompt")}
-            entry["dpo"][source] = dpo_model(data.out_dir, folder / "models" / source / task.id, args, data.n_kept)
+            entry["dpo"][source], trained = dpo_model(data.out_dir, folder / "models" / source / task.id, args, data.n_kept)
+            retrained |= trained
         entry["prefix"] = prefix_controller(model, task.id, folder, args, config)
         methods = ["none", "prompt", "selfcontrol"]
         if entry["prefix"] is not None and "error" not in entry["prefix"]:
@@ -230,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         methods += [f"model:{folder / 'models' / s}" for s in SOURCES if entry["dpo"][s] is not None]
         evaluation = evaluate(model, [task.id], methods, "test", folder / "evaluation" / task.id,
                               prefix=folder / "controllers", limit=args.test_limit, max_new_tokens=args.max_new_tokens,
-                              seed=args.seed, selfcontrol=config, progress=True)
+                              seed=args.seed, selfcontrol=config, progress=True,
+                              restart=retrained)  # a retrained model's earlier answers are not its answers
         entry["summary"] = {method_label(m, folder): e for m, e in evaluation.summary["tasks"][task.id].items()}
         entry["n_test"] = len({r["prompt"] for r in evaluation.records})
         result["tasks"][task.id] = entry

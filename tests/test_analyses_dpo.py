@@ -40,3 +40,7 @@ def test_dpo_study_writes_table_figure_and_resumes(tmp_path):
     assert again["tasks"]["angry2peaceful"]["summary"] == result["tasks"]["angry2peaceful"]["summary"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps and len(stamps) >= 6  # logs and weights untouched
     assert {p: p.read_bytes() for p in pairs} == pairs and len(pairs) == 2  # the pairs rewritten from the log, the same
+    # other DPO settings: the models are trained again and their evaluation redone, not refused or reused
+    changed = dpo_study.main([*TINY, "--out", str(out), "--epochs", "2"])
+    assert changed["tasks"]["angry2peaceful"]["dpo"]["selfcontrol"]["settings"]["epochs"] == 2
+    assert json.loads((out / "models" / "selfcontrol" / "angry2peaceful" / "dpo.json").read_text())["settings"]["epochs"] == 2
