@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lint bench figures evaluation dpo-study clean-cache
+.PHONY: demo test install lint bench figures evaluation dpo-study step-geometry clean-cache
 
 install: $(STAMP)
 
@@ -64,3 +64,8 @@ dpo-study: $(STAMP)
 	$(PY) -m analyses.dpo_study --tasks angry2peaceful $(DPO_STUDY)
 	$(PY) -m analyses.dpo_study --tasks surprised2calm $(DPO_STUDY)
 	$(PY) -m analyses.dpo_study --tasks angry2peaceful,surprised2calm $(DPO_STUDY) --docs-figure docs/figures/dpo_study.png
+
+# README step-geometry study and judge-wording selection (about 2 hours on a shared 2-core machine; searches are cached).
+step-geometry: $(STAMP)
+	$(PY) -m analyses.step_geometry --n-prompts 2 --sink-ratio 10 --docs-figure docs/figures/step_geometry.png
+	$(PY) -m workbench judge-check --select --task emotion --out results/wording_selection

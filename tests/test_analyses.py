@@ -119,3 +119,35 @@ def test_throughput_benchmark_prints_consistent_json(capsys):
     # the batched search means the same as one prompt at a time (equivalence is tested in tests/selfcontrol)
     assert r["same_step_fraction"] == 1.0 and r["gain_batched"] == pytest.approx(r["gain_sequential"], abs=2e-3)
     assert sum(r["batched_time_split"].values()) <= 1.0 + 1e-6
+
+def test_step_geometry_study_compares_every_geometry(home, tmp_path):
+    """The step-geometry study: one row per (prompt, geometry), a summary per geometry, the README table."""
+    from analyses import step_geometry
+    from workbench.selfcontrol.steps import GEOMETRIES
+
+    out = tmp_path / "out"
+    step_geometry.main(["--model", "tiny-random", "--tasks", "angry2peaceful", "--n-prompts", "2", "--iterations", "1",
+                        "--max-new-tokens", "6", "--initial-step", "-0.05", "--out", str(out)])
+    summary = json.loads((out / "step_geometry.json").read_text())
+    rows = summary["rows"]
+    assert len(rows) == 2 * len(GEOMETRIES) and {r["geometry"] for r in rows} == set(GEOMETRIES)
+    assert list(summary["summary"]) == list(GEOMETRIES)
+    for g, s in summary["summary"].items():
+        mine = [r for r in rows if r["geometry"] == g]
+        assert s["n"] == 2 and s["gain"] == pytest.approx(sum(r["gain"] for r in mine) / 2)
+        assert s["sink_share"] == 0.0 or s["sink_share"] != s["sink_share"]  # 0, or NaN when no run found a control
+    assert all(r["sink_share"] == 0.0 for r in rows)  # the tiny random model has no massive activations
+    # no sinks: the sink rules equal the position rule, prompt by prompt
+    by = {(r["prompt"], r["geometry"]): r for r in rows}
+    for r in rows:
+        if r["geometry"] in ("sink-off", "sink-median"):
+            assert r["score"] == pytest.approx(by[r["prompt"], "position"]["score"])
+    assert summary["summary"]["sink-off"]["delta_vs_position"] == pytest.approx(0.0)
+    table = (out / "step_geometry.md").read_text().splitlines()
+    assert table[0].startswith("| geometry |") and len(table) == 2 + len(GEOMETRIES)
+    assert (out / "step_geometry.png").stat().st_size > 5000
+    import csv
+
+    with (out / "step_geometry.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [float(r["gain"]) for r in csv_rows] == pytest.approx([r["gain"] for r in rows])

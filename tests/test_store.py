@@ -317,3 +317,17 @@ def test_check_fingerprint_restart_discards_outputs_and_unknown_outputs_are_refu
         check_fingerprint(tmp_path, {"a": 2}, outputs=["results.jsonl"])
     assert check_fingerprint(tmp_path, {"a": 2}, restart=True, outputs=["results.jsonl"]) == {"a": 2}
     assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_weights_fingerprint_samples_large_tensors_and_sees_a_changed_element():
+    """Beyond 2**24 elements a float linspace of indices rounded past the end (an IndexError on SmolLM2's embedding)."""
+    from workbench.store import WEIGHT_SAMPLES, weights_fingerprint
+
+    big = torch.zeros(2**24 + 5, dtype=torch.uint8)
+    before = weights_fingerprint([("embed", big)])
+    big[-1] = 1  # the last element is always sampled
+    assert weights_fingerprint([("embed", big)]) != before
+    small = torch.arange(WEIGHT_SAMPLES * 3, dtype=torch.bfloat16)
+    assert weights_fingerprint([("w", small)]) == weights_fingerprint([("w", small.clone())])
+    assert weights_fingerprint([("w", small)]) != weights_fingerprint([("v", small)])  # names count
+    assert weights_fingerprint([("w", small)]) != weights_fingerprint([("w", small.float())])  # dtypes count

@@ -395,7 +395,9 @@ def weights_fingerprint(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
         if t.device.type == "meta" or t.numel() == 0:
             continue
         flat = t.reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(flat.numel(), WEIGHT_SAMPLES), device=flat.device).long()
+        n, k = flat.numel(), min(flat.numel(), WEIGHT_SAMPLES)
+        # integer arithmetic: a float linspace rounds past the last element beyond 2**24 elements
+        index = torch.arange(k, device=flat.device, dtype=torch.long) * (n - 1) // max(1, k - 1)
         digest.update(flat[index].contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 

@@ -182,3 +182,12 @@ def test_gradients_of_many_prompts_in_one_backward_equal_one_at_a_time(tiny_any)
             torch.testing.assert_close(got.grads[n], one.grads[n], atol=1e-6, rtol=1e-3)
     with pytest.raises(wb.InputError, match="belongs to"):  # a control for another prompt is refused
         suffix_gradients_many(tiny_any, prompts, responses, suffixes, controls=[None, control])
+
+
+def test_repeated_pairs_are_scored_once_with_the_same_numbers(tiny):
+    prompt, response = _case(tiny)
+    other = tiny.encode("I stay calm.")
+    got = score_responses(tiny, [prompt], [response, other, response, response], TASK)
+    alone = score_responses(tiny, [prompt], [response, other], TASK)
+    torch.testing.assert_close(got.scores, alone.scores[[0, 1, 0, 0]], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got.nll, alone.nll[[0, 1, 0, 0]], atol=1e-6, rtol=1e-6)

@@ -38,8 +38,10 @@ from .. import plotting
 from ..errors import InputError
 from ..selfcontrol.control import Control
 from ..selfcontrol.search import SelfControlConfig
+from ..selfcontrol.steps import split_norms
 from ..selfcontrol.tasks import Task, get_task
 from .control_cache import CachedResult, analysis_config, cached_self_control_many
+from .sinks import prompt_sinks
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -106,6 +108,13 @@ class NormPattern:
     initial_scores: list[float]
     final_scores: list[float]
     from_cache: list[bool] = field(default_factory=list)
+    sink_masks: list[np.ndarray] = field(default_factory=list)  # per prompt: massive-activation positions [layer, pos]
+
+    def grad_split(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean over prompts of the gradient norm per layer on the sink positions and on all others (steps.sink_mask)."""
+        on, off = zip(*(split_norms(torch.as_tensor(g), torch.as_tensor(m))
+                        for g, m in zip(self.position_grad_norms, self.sink_masks, strict=True)), strict=True)
+        return torch.stack(on).mean(0).numpy(), torch.stack(off).mean(0).numpy()
 
     def mean(self, measure: str = "grad") -> np.ndarray:
         return self._get(measure).mean(axis=0)
@@ -197,6 +206,10 @@ class NormPattern:
                 twin.set_ylabel(SHORT["cumulative"], fontsize=8, color="gray")
                 twin.tick_params(labelsize=7, colors="gray")
                 handles, labels = handles + line, labels + ["cumulative (right)"]
+            if name == "grad" and self.sink_masks and any(m.any() for m in self.sink_masks):  # the sink apart
+                on, off = self.grad_split()
+                handles += ax.plot(self.layers, off, ls=":", color="tab:green") + ax.plot(self.layers, on, ls="--", color="tab:red")
+                labels += ["positions off the sink", "sink position(s)"]
             ax.legend(handles, labels, fontsize=7)
         ax = axes[1, 1]
         pattern = self.position_pattern(last_positions)
@@ -245,7 +258,7 @@ def analyze_norms(
     cfg = analysis_config(config, **overrides)
     records: list[CachedResult] = []
     measures: dict[str, list[np.ndarray]] = {m: [] for m in MEASURES}
-    positions = []
+    positions, sinks = [], []
     searched = cached_self_control_many(model, prompts, task, cfg, root=cache_root, refresh=not use_cache,
                                         batch_size=batch_prompts, progress=progress)
     for record in tqdm(searched, desc=f"norm pattern [{task.id}]", disable=not progress, leave=False):
@@ -258,11 +271,12 @@ def analyze_norms(
         measures["shift"].append(local.numpy())
         measures["cumulative"].append(cumulative.numpy())
         positions.append(raw.numpy())
+        sinks.append(prompt_sinks(model, record.prompt_ids, record.hook_names).numpy())
     return NormPattern(
         model_id=model.model_id, task_id=task.id, layers=records[0].layers, prompts=[r.prompt for r in records],
         measures={k: np.stack(v) for k, v in measures.items()}, position_grad_norms=positions,
         initial_scores=[r.initial_score for r in records], final_scores=[r.score for r in records],
-        from_cache=[r.from_cache for r in records],
+        from_cache=[r.from_cache for r in records], sink_masks=sinks,
     )
 
 

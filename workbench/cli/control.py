@@ -17,6 +17,11 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--step-scale", type=float, default=2.0)
     g.add_argument("--n-steps", type=int, default=4)
     g.add_argument("--step-mode", choices=["relative", "absolute"], default="relative")
+    g.add_argument("--step-geometry", choices=["position", "layer-median", "sink-median", "sink-off"], default="position",
+                   help="which residual norm a relative step is a fraction of: each position's own, the layer's median, "
+                        "the median at massive-activation (sink) positions only, or no step at sinks")
+    g.add_argument("--sink-ratio", type=float, default=12.0,
+                   help="a position whose residual norm exceeds this many times the layer's median is a sink")
     g.add_argument("--threshold", type=float, default=0.0)
     g.add_argument("--branches", type=int, default=1)
     g.add_argument("--max-new-tokens", type=int, default=40)
@@ -26,6 +31,9 @@ def add_search_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--layers", type=layer_list, default=None, help="comma-separated layers to control (default: all)")
     g.add_argument("--point", default="hook_resid_post", help="hook point per block")
     g.add_argument("--paraphrases", action="store_true", help="average the score over the task's paraphrased questions")
+    g.add_argument("--question", default=None,
+                   help="the self-judge's question: 'auto' = the wording judge-check --select chose for this model, "
+                        "or a question text (default: the task's own)")
     g.add_argument("--no-fluency-guard", action="store_true")
 
 
@@ -35,10 +43,11 @@ def search_config(args: argparse.Namespace):
 
     return SelfControlConfig(
         iterations=args.iterations, initial_step=args.initial_step, step_scale=args.step_scale, n_steps=args.n_steps,
-        step_mode=args.step_mode, threshold=args.threshold, branches=args.branches, max_new_tokens=args.max_new_tokens,
+        step_mode=args.step_mode, step_geometry=args.step_geometry, sink_ratio=args.sink_ratio,
+        threshold=args.threshold, branches=args.branches, max_new_tokens=args.max_new_tokens,
         loss=args.loss, do_sample=args.sample, seed=args.seed, point=args.point,
         layers=tuple(args.layers) if isinstance(args.layers, list) else None,
-        paraphrases=args.paraphrases, fluency_guard=not args.no_fluency_guard, progress=not args.json,
+        paraphrases=args.paraphrases, question=args.question, fluency_guard=not args.no_fluency_guard, progress=not args.json,
     )
 
 

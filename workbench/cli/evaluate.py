@@ -108,12 +108,29 @@ def _judge_check_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="all", help="a task id, a comma-separated list, 'emotion' or 'all' (default)")
     parser.add_argument("--out", default="results/judge_check", help="folder for judge_check.{json,md,png}")
     parser.add_argument("--paraphrases", action="store_true", help="average the score over the task's paraphrased questions")
+    parser.add_argument("--select", action="store_true",
+                        help="choose each task's judge wording (question x answer format) on half of the pairs, report "
+                             "it on the other half, and save the choice for --question auto")
 
 
 @command("judge-check", "how well the model's suffix score separates each task's contrast pairs (ROC AUC)", _judge_check_args)
 def judge_check_command(args: argparse.Namespace) -> int:
-    from ..evaluation.judge_check import judge_check
+    from ..evaluation.judge_check import judge_check, select_wordings
 
+    if args.select:
+        tasks = _tasks(args.task)
+        from ..selfcontrol.tasks import get_task
+
+        for t in tasks:  # bad task ids fail before the model loads
+            get_task(t)
+        selection = select_wordings(load(args), tasks, progress=not args.json)
+        paths = selection.save(args.out)
+        if args.json:
+            print(json.dumps(selection.to_dict()))
+        else:
+            print(selection.table())
+            print(f"written to {paths['markdown'].parent}; choices saved for --question auto")
+        return 0
     result = judge_check(load(args), _tasks(args.task), paraphrases=args.paraphrases, progress=not args.json)
     paths = result.save(args.out)
     if args.json:

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 from ..errors import InputError, NumericalError
 from .control import Control
 from .fluency import is_degenerate
+from .steps import SINK_RATIO, StepGeometry, check_geometry, dtype_steps
 from .suffix import DEFAULT_TEMPERATURE, Loss, StepMode, score_responses, suffix_gradients_many
-from .tasks import CompiledSuffix, Task, get_task
+from .tasks import CompiledSuffix, Task, check_question, get_task, with_question
 
 if TYPE_CHECKING:
     from ..model.chat_model import HookedChatModel
@@ -55,6 +56,8 @@ class SelfControlConfig:
     step_scale: float = 2.0
     n_steps: int = 4
     step_mode: StepMode = "relative"
+    step_geometry: StepGeometry = "position"  # which residual norm a relative step is a fraction of (steps.py)
+    sink_ratio: float = SINK_RATIO  # a position whose residual norm exceeds this x the layer median is a sink
     threshold: float = 0.0
     branches: int = 1
     max_new_tokens: int = 40
@@ -68,6 +71,7 @@ class SelfControlConfig:
     point: str = "hook_resid_post"
     layers: tuple[int, ...] | None = None
     paraphrases: bool = False
+    question: str | None = None  # None: the task's own; "auto": the wording judge-check --select saved; or a text
     score_temperature: float = DEFAULT_TEMPERATURE
     fluency_guard: bool = True
     fluency_margin: float = 0.5
@@ -89,6 +93,10 @@ class SelfControlConfig:
                 f"initial_step must be negative, got {self.initial_step}: each step is h + eta * grad(loss), so "
                 "eta > 0 climbs the loss (an uphill search, away from the target answer); use e.g. -0.001"
             )
+        check_geometry(self.step_geometry)
+        if number("sink_ratio") <= 1:
+            raise InputError(f"sink_ratio must be > 1 (a multiple of the layer's median residual norm), got {self.sink_ratio}")
+        check_question(self.question)
         if number("step_scale") <= 0:
             raise InputError(f"step_scale must be > 0 (it multiplies the step, keeping its sign), got {self.step_scale}")
         for name, low in (("iterations", 0), ("n_steps", 1), ("branches", 1), ("max_new_tokens", 1)):
@@ -372,8 +380,8 @@ def self_control_many(
     ``batch_size``; one progress bar counts each prompt's original answer and iterations.
     """
     cfg = resolve_config(config, **overrides)
-    steps = cfg.steps()
-    task = get_task(task)
+    steps = dtype_steps(cfg.steps(), model.dtype, cfg.step_mode)
+    task = with_question(get_task(task), model.model_id, cfg.question)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence):
         raise InputError("self_control_many takes a list of prompts (texts or token-id lists)")
     prompts = list(prompts)
@@ -461,7 +469,7 @@ def _round_unguarded(model: HookedChatModel, cfg: SelfControlConfig, steps: list
     TIMINGS["gradient"] += time.perf_counter() - start
     candidates = []
     for s, g in zip(iterating, grads, strict=True):
-        controls = [s.best["control"] + g.step(eta, cfg.step_mode) for eta in steps]
+        controls = [s.best["control"] + g.step(eta, cfg.step_mode, cfg.step_geometry, cfg.sink_ratio) for eta in steps]
         for c in controls:
             if not all(torch.isfinite(d).all() for d in c.deltas.values()):
                 raise NumericalError("a candidate control is NaN/inf; use smaller steps")

@@ -25,6 +25,7 @@ from torch import Tensor
 from ..errors import InputError, NumericalError
 from ..model.layout import ForwardLayout, PromptRef
 from .control import Control
+from .steps import SINK_RATIO, StepGeometry, gradient_step
 from .tasks import CompiledSuffix, Task, get_task
 
 if TYPE_CHECKING:
@@ -101,7 +102,8 @@ def score_responses(
 
     With no hook active (the search's clean judge) each distinct prompt of a chunk
     runs once and its KV cache is shared by all its rows (several prompts: left-padded
-    into one prefill). Under active hooks (a control being scored, an applied prefix)
+    into one prefill), and a repeated (prompt, response) pair is scored once. Under active
+    hooks (a control being scored, an applied prefix)
     every row runs in full, right-padded, its prompt declared so the control acts at
     that row's prompt positions. ``batch_size``: rows (pairs x suffixes) per forward
     (``None``: all in one).
@@ -115,6 +117,13 @@ def score_responses(
         raise InputError("empty prompt")
     weights = _weights(suffixes, model.device)
     clean = model.active_hooks() == 0
+    pairs = [(tuple(p), tuple(r)) for p, r in zip(prompts, responses, strict=True)]
+    unique = list(dict.fromkeys(pairs))
+    if clean and len(unique) < len(pairs):  # small steps often leave the answer unchanged: score each pair once
+        once = score_responses(model, [p for p, _ in unique], [r for _, r in unique], suffixes, temperature=temperature,
+                               batch_size=batch_size)
+        where = torch.as_tensor([unique.index(pair) for pair in pairs], device=once.scores.device)
+        return ResponseScores(once.scores[where], once.per_suffix[where], once.nll[where])
     scores, per, nlls = [], [], []
     per_chunk = len(prompts) if batch_size is None else max(1, batch_size // len(suffixes))
     for start in range(0, len(prompts), per_chunk):
@@ -256,24 +265,19 @@ class SuffixGradients:
     def norms(self) -> Float[Tensor, "layer pos"]:
         return torch.stack([g.norm(dim=-1) for g in self.grads.values()])
 
-    def step(self, eta: float, mode: StepMode = "relative") -> Control:
+    def step(
+        self, eta: float, mode: StepMode = "relative", geometry: StepGeometry = "position", sink_ratio: float = SINK_RATIO
+    ) -> Control:
         """The update ``eta * g`` as a control (sign convention: h <- h + eta * grad(loss)).
 
         ``absolute``: the (clipped) gradient times eta, as in the authors' code.
-        ``relative``: each position's gradient scaled to unit norm times ``eta`` times that
-        position's residual norm, so ``eta=-0.01`` moves each position by 1% of its norm
-        downhill whatever the model's scale.
+        ``relative``: each position's gradient scaled to unit norm times ``eta`` times a
+        residual norm, so ``eta=-0.01`` moves a position by 1% of that norm downhill whatever
+        the model's scale; ``geometry`` says which norm and ``sink_ratio`` which positions are
+        massive-activation sinks (:mod:`workbench.selfcontrol.steps`).
         """
-        if mode == "absolute":
-            return Control({n: eta * g for n, g in self.grads.items()}, self.model_id, prompts=self._prompts())
-        if mode != "relative":
-            raise InputError(f"step mode must be 'relative' or 'absolute', not {mode!r}")
-        out = {}
-        for i, (name, g) in enumerate(self.grads.items()):
-            norm = g.norm(dim=-1, keepdim=True)
-            unit = torch.where(norm > 0, g / norm.clamp_min(1e-30), torch.zeros_like(g))
-            out[name] = eta * unit * self.resid_norms[i][:, None].to(g.dtype)
-        return Control(out, self.model_id, prompts=self._prompts())
+        return Control(gradient_step(self.grads, self.resid_norms, eta, mode, geometry, sink_ratio), self.model_id,
+                       prompts=self._prompts())
 
     def _prompts(self) -> list[PromptRef]:
         return [self.prompt or PromptRef(self.prompt_len)]

@@ -10,8 +10,9 @@ the ids of the target and contrast answer tokens as that model writes them.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, get_type_hints
@@ -42,6 +43,17 @@ class ContrastPair:
     prompt: Text
     target_response: Text
     opposite_response: Text
+
+
+@dataclass(frozen=True)
+class Wording:
+    """How the self-judge is asked: the question and the answer prefix the answer token follows."""
+
+    question: str
+    answer_prefix: str
+
+    def label(self) -> str:
+        return f"{self.question} / {self.answer_prefix or '(no prefix)'}"
 
 
 @dataclass(frozen=True)
@@ -148,6 +160,20 @@ class Task:
     def questions(self, paraphrases: bool = False) -> list[str]:
         return [self.question, *self.paraphrases] if paraphrases else [self.question]
 
+    def wordings(self) -> list[Wording]:
+        """The judge wordings ``judge-check --select`` chooses among, the task's own first.
+
+        Each question (the task's and its paraphrases) with each answer format: the
+        task's own prefix, ``"Answer:"`` and ``"Answer <target> or <contrast>:"``.
+        """
+        prefixes = dict.fromkeys([self.answer_prefix, "Answer:", f"Answer {self.target} or {self.contrast}:"])
+        return [Wording(q, p) for q in self.questions(paraphrases=True) for p in prefixes]
+
+    def with_wording(self, wording: Wording) -> Task:
+        """This task judged with ``wording``; the other questions stay its paraphrases."""
+        others = tuple(q for q in self.questions(paraphrases=True) if q != wording.question)
+        return replace(self, question=wording.question, answer_prefix=wording.answer_prefix, paraphrases=others)
+
     def compile(
         self,
         model: HookedChatModel,
@@ -238,3 +264,55 @@ def get_task(name: str | Task) -> Task:
     if str(name).endswith(".json") and Path(name).is_file():
         return Task.from_json(name)
     raise InputError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}, or pass a JSON file")
+
+
+# ---- the judge wording chosen per model (written by ``judge-check --select``) ----------------------------
+WORDING_FORMAT = 1
+AUTO = "auto"
+
+
+def check_question(question: str | None) -> None:
+    """``None`` (the task's own wording), ``"auto"`` (the saved choice) or a question text."""
+    if question is not None and (not isinstance(question, str) or not question.strip()):
+        raise InputError(f"question must be None, 'auto' or a question text, got {question!r}")
+
+
+def wording_path(model_id: str, task_id: str, root: str | Path | None = None) -> Path:
+    """Where the chosen wording of ``task_id`` on ``model_id`` is saved: ``$WORKBENCH_HOME/judge_wording/<model>/<task>.json``."""
+    if root is None:
+        from ..model.loading import workbench_home
+
+        root = workbench_home() / "judge_wording"
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_id).strip("_") or "model"
+    return Path(root) / safe / f"{task_id}.json"
+
+
+def saved_wording(model_id: str, task: Task, root: str | Path | None = None) -> Wording:
+    """The wording ``judge-check --select`` saved for ``task`` on ``model_id``; a clear error if there is none."""
+    path = wording_path(model_id, task.id, root)
+    rerun = f"run `python -m workbench judge-check --select --task {task.id}` on this model first"
+    if not path.is_file():
+        raise InputError(f"no judge wording chosen for task {task.id!r} on {model_id} ({path} is missing): {rerun}")
+    try:
+        data = json.loads(path.read_text())
+        wording = Wording(str(data["question"]), str(data["answer_prefix"]))
+        saved_task, saved_model = data["task"], data["model_id"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"the saved judge wording {path} is unreadable ({err}): {rerun}") from None
+    if saved_model != model_id:
+        raise InputError(f"{path} holds a wording chosen on {saved_model}, not {model_id}: {rerun}")
+    if saved_task != task.judge_dict():
+        raise InputError(f"the task {task.id!r} changed since its wording was chosen ({path}): {rerun}")
+    if wording not in task.wordings():
+        raise InputError(f"the saved wording {wording.label()!r} is not among task {task.id!r}'s wordings: {rerun}")
+    return wording
+
+
+def with_question(task: Task, model_id: str, question: str | None, root: str | Path | None = None) -> Task:
+    """``task`` as the search should judge it: its own wording, the saved choice (``"auto"``) or ``question``."""
+    check_question(question)
+    if question is None or question == task.question:
+        return task
+    if question == AUTO:
+        return task.with_wording(saved_wording(model_id, task, root))
+    return task.with_wording(Wording(question, task.answer_prefix))
