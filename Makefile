@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install lint bench figures evaluation step-geometry clean-cache
+.PHONY: demo test install lint bench figures evaluation dpo-study step-geometry clean-cache
 
 install: $(STAMP)
 
@@ -54,6 +54,16 @@ evaluation: $(STAMP)
 	$(PY) -m workbench evaluate --tasks emotion --methods none,prompt,repe,selfcontrol,prefix --prompts test \
 	  --prefix $(CONTROLLERS) --out results/evaluation_full
 	cp results/evaluation_full/summary.png docs/figures/evaluation.png
+
+# README DPO study: preference pairs (SelfControl and instructed prompting) from train prompts of two emotion
+# tasks, DPO on each, evaluated against the base and SelfControl on test prompts (every step resumes). The sizes
+# the README reports (about an hour on 2 heavily shared CPU cores, one process per task); the full study is
+# `$(PY) -m analyses.dpo_study` (40 train prompts, every test prompt, 40 tokens, a prefix controller per task).
+DPO_STUDY := --limit 12 --test-limit 6 --max-new-tokens 32 --prefix-limit 0 --epochs 2 --lr 2e-5 --threads 1 --out results/dpo_study
+dpo-study: $(STAMP)
+	$(PY) -m analyses.dpo_study --tasks angry2peaceful $(DPO_STUDY)
+	$(PY) -m analyses.dpo_study --tasks surprised2calm $(DPO_STUDY)
+	$(PY) -m analyses.dpo_study --tasks angry2peaceful,surprised2calm $(DPO_STUDY) --docs-figure docs/figures/dpo_study.png
 
 # README step-geometry study and judge-wording selection (about 2 hours on a shared 2-core machine; searches are cached).
 step-geometry: $(STAMP)

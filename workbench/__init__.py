@@ -38,6 +38,7 @@ _LAZY = {
     "PrefixController": "prefix.controller",
     "train_prefix": "prefix.training",
     "export_peft": "prefix.export",
+    "preference_data": "preference.data",
     "train_dpo": "preference.dpo",
     "evaluate": "evaluation.runner",
     "check_task": "evaluation.judge_check",

@@ -1,4 +1,5 @@
-"""``dpo``: train a model on preference pairs with TRL's DPOTrainer; the result loads with ``--model MODEL_DIR``."""
+"""``preference-data`` makes preference pairs (SelfControl's or instructed answers over the plain ones);
+``dpo`` trains a model on them with TRL's DPOTrainer, the result loading with ``--model MODEL_DIR``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import argparse
 import json
 import sys
 
-from . import command
+from . import command, load
+from .control import add_search_options, search_config
 
 
 def _dpo_args(parser: argparse.ArgumentParser) -> None:
@@ -40,4 +42,44 @@ def dpo_cmd(args: argparse.Namespace) -> int:
     else:
         print(report.summary())
         print(f"load it with: python -m workbench chat --model {report.out_dir} --prompt ...")
+    return 0
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="task id (see data/tasks) or a task JSON file")
+    parser.add_argument("--split", default="train", help="the task's prompt split to run on (default: train)")
+    parser.add_argument("--out", required=True, help="data folder (resumable: a rerun skips finished prompts)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N prompts of the split")
+    parser.add_argument("--min-gain", type=float, default=0.0,
+                        help="keep a pair when chosen's suffix score beats rejected's by at least this (and by more than 0)")
+    parser.add_argument("--baseline", choices=["prompt"], default=None,
+                        help="instead of SelfControl, chosen = the answer when the behaviour is asked for in words")
+    parser.add_argument("--prompt-style", choices=["user", "system"], default="user",
+                        help="--baseline prompt: the instruction prepended to the user turn, or as the system message")
+    parser.add_argument("--batch-prompts", type=int, default=None,
+                        help="prompts searched at once, each batch saved when done (default: from free GPU memory on CUDA, 8 on CPU)")
+    parser.add_argument("--restart", action="store_true", help="discard the folder's finished prompts and start again")
+    add_search_options(parser)
+
+
+@command("preference-data", "make DPO preference pairs: SelfControl's (or instructed) answers over the plain ones (resumable)",
+         _data_args)
+def preference_data_cmd(args: argparse.Namespace) -> int:
+    from ..preference.data import preference_data
+    from ..selfcontrol.tasks import get_task
+
+    config, task = search_config(args), get_task(args.task)
+    task.split(args.split)  # an unknown split is refused before the model loads
+    if args.baseline == "prompt":
+        task.instructed("x", args.prompt_style)  # so is a task without an instruction
+    model = load(args)
+    data = preference_data(model, task, args.split, args.out, limit=args.limit, min_gain=args.min_gain,
+                           baseline=args.baseline, prompt_style=args.prompt_style, config=config,
+                           batch_size=args.batch_prompts, restart=args.restart, progress=not args.json)
+    if args.json:
+        print(json.dumps({"out": str(data.out_dir), **{k: data.manifest[k] for k in (
+            "mode", "n_prompts", "n_kept", "dropped", "mean_gain_kept", "seconds_per_prompt")}}))
+    else:
+        print(data.summary())
+        print(f"train on it with: python -m workbench dpo --data {data.out_dir} --out MODEL_DIR")
     return 0

@@ -19,6 +19,8 @@ same decoding settings (:class:`Decoding`: greedy by default, one seed):
   Coefficient 0 is a candidate, so "no steering" wins where nothing helps.
 - ``selfcontrol``: :func:`workbench.selfcontrol.search.self_control` per prompt.
 - ``prefix``: a trained :class:`workbench.prefix.controller.PrefixController`.
+- ``model:DIR``: another model folder (e.g. a DPO-trained one) answers the plain
+  chat prompt; the runner judges its answer with the base model like any other.
 
 Every method applies its control in a context manager and leaves the model as
 it found it; :func:`hook_state` lets the runner check that after each call.
@@ -156,11 +158,8 @@ class PromptInstruction(Method):
         return {**self.settings(), "instructions": {t.id: t.instruction for t in tasks}}
 
     def prompt_ids(self, model: HookedChatModel, task: Task, prompt: str) -> list[int]:
-        if not task.instruction.strip():
-            raise InputError(f"task {task.id!r} has no 'instruction' for the prompt method; add one to its JSON")
-        if self.style == "system":
-            return model.chat_ids(prompt, system=task.instruction)
-        return model.chat_ids(f"{task.instruction}\n\n{prompt}")
+        user, system = task.instructed(prompt, self.style)
+        return model.chat_ids(user, system=system)
 
     def respond(self, model, task, prompt, decoding):
         start = time.perf_counter()
@@ -393,6 +392,65 @@ class PrefixMethod(Method):
         return MethodResponse(ids, tokens, time.perf_counter() - start)
 
 
+class OtherModel(Method):
+    """Answers from another model folder (``DIR``, or ``DIR/<task id>`` when that holds a model), judged by the base.
+
+    Why a method: a model trained on the base (by DPO, say) is compared with steering
+    the base on equal terms: the same prompts, decoding and judges. Its tokenizer and
+    chat template must give the base's prompt ids, so its answer ids mean the same text.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.name = f"model:{folder}"
+        self._loaded: dict[Path, Any] = {}
+        self._by_task: dict[str, Path] = {}
+
+    def settings(self) -> dict[str, Any]:
+        return {"folder": str(self.folder)}
+
+    def fingerprint(self, model, tasks):
+        """Each task's model by content (weights sample, chat template: :func:`~workbench.store.model_fingerprint`)."""
+        from ..store import model_fingerprint
+
+        return {"models": {t.id: model_fingerprint(self._load(self.model_folder(t), model)) for t in tasks}}
+
+    def _load(self, folder: Path, model: HookedChatModel) -> HookedChatModel:
+        from ..model.loading import load_model
+
+        if folder not in self._loaded:
+            self._loaded.clear()  # one other model in memory at a time
+            self._loaded[folder] = load_model(str(folder), device=str(model.device), dtype=model.dtype, progress=False)
+        return self._loaded[folder]
+
+    def model_folder(self, task: Task) -> Path:
+        per_task = self.folder / task.id
+        folder = per_task if (per_task / "config.json").is_file() else self.folder
+        if not (folder / "config.json").is_file():
+            raise InputError(f"no model for task {task.id!r} in {self.folder} (nor in {per_task}): "
+                             "pass a model folder, or one with a sub-folder per task id")
+        return folder
+
+    def prepare(self, model, task, decoding, *, held_out=(), state=None):
+        folder = self.model_folder(task)
+        other = self._load(folder, model)
+        probe = held_out[0] if held_out else "Hello"
+        if other.chat_ids(probe) != model.chat_ids(probe):
+            raise InputError(f"{folder} turns a prompt into other token ids than {model.model_id}: "
+                             "its answers cannot be judged by the base model")
+        self._by_task[task.id] = folder
+        return {"folder": str(folder), "model_id": other.model_id}
+
+    def respond(self, model, task, prompt, decoding):
+        folder = self._by_task.get(task.id)
+        if folder not in self._loaded:
+            raise InputError(f"{self.name}: call prepare() for task {task.id!r} first")
+        other = self._loaded[folder]
+        start = time.perf_counter()
+        ids = other.chat_ids(prompt)
+        return MethodResponse(ids, _generate(other, ids, decoding), time.perf_counter() - start, {"model": str(folder)})
+
+
 def build_methods(
     names: Sequence[str | Method] | str,
     *,
@@ -417,12 +475,14 @@ def build_methods(
             out.append(RepeAddition(**(repe or {})))
         elif name == "selfcontrol":
             out.append(SelfControlMethod(selfcontrol, batch_prompts))
+        elif name.startswith("model:") and name.removeprefix("model:").strip():
+            out.append(OtherModel(name.removeprefix("model:").strip()))
         elif name == "prefix":
             if prefix is None:
                 raise InputError("method 'prefix' needs a trained controller: pass prefix=FOLDER (--prefix DIR)")
             out.append(PrefixMethod(prefix))
         else:
-            raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}, or model:DIR")
     seen = [m.name for m in out]
     if len(set(seen)) != len(seen) or not seen:
         raise InputError(f"methods must be distinct and non-empty, got {seen}")

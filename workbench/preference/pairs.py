@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import InputError
+from ..store import atomic_write
 
 PAIRS_FILE = "pairs.jsonl"
 COLUMNS = ("prompt", "chosen", "rejected")
@@ -88,7 +89,5 @@ def write_pairs(rows: Iterable[Mapping[str, Any]], folder: str | Path) -> Path:
     """Write validated rows to ``folder/pairs.jsonl`` (replacing it)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / PAIRS_FILE
     lines = [json.dumps(PreferencePair.model_validate(dict(r)).model_dump()) for r in rows]
-    path.write_text("".join(line + "\n" for line in lines))
-    return path
+    return atomic_write(folder / PAIRS_FILE, "".join(line + "\n" for line in lines))

@@ -143,6 +143,20 @@ class Task:
         return {"id": self.id, "question": self.question, "paraphrases": list(self.paraphrases), "target": self.target,
                 "contrast": self.contrast, "answer_prefix": self.answer_prefix}
 
+    def instructed(self, prompt: str, style: str = "user") -> tuple[str, str | None]:
+        """(user turn, system message) that ask for the behaviour in words: instructed prompting.
+
+        One place for it, because the evaluation's ``prompt`` method and the
+        instructed-prompting preference pairs must ask the same way. ``user``
+        prepends the instruction to the user turn (keeping the template's own
+        system message); ``system`` makes it the system message.
+        """
+        if style not in ("user", "system"):
+            raise InputError(f"prompt style must be 'user' or 'system', not {style!r}")
+        if not self.instruction.strip():
+            raise InputError(f"task {self.id!r} has no 'instruction' to ask for the behaviour in words; add one to its JSON")
+        return (prompt, self.instruction) if style == "system" else (f"{self.instruction}\n\n{prompt}", None)
+
     def questions(self, paraphrases: bool = False) -> list[str]:
         return [self.question, *self.paraphrases] if paraphrases else [self.question]
 
