@@ -175,6 +175,14 @@ def test_select_wording_scores_every_wording_and_question_auto_uses_the_choice(t
     want = suffix_score(tiny, [prompt], [again.original_ids], task.with_wording(sel.wordings[other]))
     assert again.initial_score == pytest.approx(float(want[0]), abs=1e-6)
     assert again.initial_score != pytest.approx(result.initial_score, abs=1e-7)
+    # a resumable evaluation knows "auto" by the wording it resolves to: a new choice is a new fingerprint
+    from workbench.evaluation.methods import SelfControlMethod
+
+    method = SelfControlMethod({"question": "auto"})
+    now = method.fingerprint(tiny, [task])["judged_as"][task.id]
+    assert now["question"] == sel.wordings[other].question
+    save_wording(sel, task)
+    assert method.fingerprint(tiny, [task])["judged_as"][task.id]["question"] == sel.wording.question
     # an edited task must be re-selected
     edited = dataclasses.replace(task, target="No", contrast="Yes")
     with pytest.raises(InputError, match="changed since"):

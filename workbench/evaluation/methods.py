@@ -325,7 +325,12 @@ class SelfControlMethod(Method):
         return {k: v for k, v in config_dict(self.config).items() if k not in Decoding.__dataclass_fields__}
 
     def fingerprint(self, model, tasks):
-        return {**self.settings(), "search_version": SEARCH_VERSION}
+        """Settings, the search's version, and the judge wording each task is searched with (``question="auto"``
+        names the saved choice, which ``judge-check --select`` may change: the wording itself is what counts)."""
+        from ..selfcontrol.tasks import with_question
+
+        judged = {t.id: with_question(t, model.model_id, self.config.question).judge_dict() for t in tasks}
+        return {**self.settings(), "search_version": SEARCH_VERSION, "judged_as": judged}
 
     def respond(self, model, task, prompt, decoding):
         return self.respond_many(model, task, [prompt], decoding)[0]
