@@ -143,9 +143,10 @@ DIE = "import os, signal\ndef die(*a, **k):\n    os.kill(os.getpid(), signal.SIG
 
 def test_atomic_write_replaces_whole_files(tmp_path):
     path = atomic_write(tmp_path / "sub" / "a.txt", "first")
-    assert path.read_text() == "first"
+    assert path.read_text() == "first" and path.stat().st_mode & 0o777 == 0o644  # not the temp file's 0600
+    path.chmod(0o640)
     atomic_write(path, b"\x00second")
-    assert path.read_bytes() == b"\x00second"
+    assert path.read_bytes() == b"\x00second" and path.stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
     atomic_write_json(tmp_path / "a.json", {"x": (1, 2)})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": [1, 2]}
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.json", "a.txt", "sub"]  # no temp file left

@@ -84,6 +84,8 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
     payload = data.encode() if isinstance(data, str) else bytes(data)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); keep a replaced file's mode, else the usual 0644
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)
         with os.fdopen(fd, "wb") as fh:
             fh.write(payload)
             fh.flush()
