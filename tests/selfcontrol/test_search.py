@@ -58,19 +58,43 @@ def test_deterministic_for_a_fixed_seed_including_sampling(tiny):
     assert _trajectory(a) == _trajectory(b) and a.response_ids == b.response_ids
 
 
-def test_branches_keep_the_best_scoring_branch(tiny):
+def test_branches_keep_the_best_scoring_fluent_branch(tiny):
+    """Each candidate keeps, of its first-token branches, the best-scoring one that passes the fluency guard."""
+    from workbench.selfcontrol.search import _guard
+    from workbench.selfcontrol.suffix import score_responses
+
     task, prompt = CASES[0]
-    result = self_control(tiny, prompt, task, branches=3, **{**TINY, "iterations": 1})
-    for cand in result.iterations[0].candidates:
-        assert 0 <= cand.branch < 3
+    cfg = SelfControlConfig(**{**TINY, "iterations": 1, "branches": 3})
+    result = self_control(tiny, prompt, task, cfg)
+    assert result.iterations_accepted == 1
+    it = result.iterations[0]
+    kept = next(c for c in it.candidates if c.status == "accepted")
+    # regenerate the accepted candidate's branches under its control and score them on the clean model
+    with it.control.applied(tiny):
+        gen = tiny.generate([result.prompt_ids], max_new_tokens=cfg.max_new_tokens, branches=3)
+    assert len({tuple(t) for t in gen.tokens}) == 3  # the branches differ (different first tokens)
+    scored = score_responses(tiny, [result.prompt_ids] * 3, gen.tokens, task)
+    order = sorted(range(3), key=lambda b: -float(scored.scores[b]))
+    assert kept.response_ids == gen.tokens[order[0]]  # guard off: the best-scoring branch
+    assert kept.branch == order[0] and kept.score == pytest.approx(float(scored.scores[order[0]]), abs=1e-4)
+    # with the guard on, a branch that fails it is passed over for the best one that passes
+    guarded = SelfControlConfig(**{**TINY, "iterations": 1, "branches": 3, "fluency_guard": True})
+    for cand in self_control(tiny, prompt, task, guarded).iterations[0].candidates:
+        if cand.status in ("accepted", "not better", "better, later step"):
+            assert _guard(cand.response_ids, cand.nll, result.original_nll, guarded) is None
 
 
-def test_fluency_guard_rejects_with_a_reason(tiny):
+def test_fluency_guard_rejects_with_a_reason_and_only_when_on(tiny):
     task, prompt = CASES[0]
-    result = self_control(tiny, prompt, task, **{**TINY, "fluency_guard": True, "iterations": 1})
-    reasons = {c.status.split(":")[0] for c in result.iterations[0].candidates}
-    assert reasons & {"degenerate", "disfluent", "not better"}
-    assert result.score >= result.initial_score
+    on = self_control(tiny, prompt, task, **{**TINY, "fluency_guard": True, "iterations": 1})
+    off = self_control(tiny, prompt, task, **{**TINY, "fluency_guard": False, "iterations": 1})
+    rejected = {c.step for c in on.iterations[0].candidates if c.status.split(":")[0] in ("degenerate", "disfluent")}
+    assert rejected  # the guard turned some candidate down, with its reason
+    assert not any(c.status.split(":")[0] in ("degenerate", "disfluent") for c in off.iterations[0].candidates)
+    # the same candidates, unguarded, are judged on their score alone
+    same = [c for c in off.iterations[0].candidates if c.step in rejected]
+    assert same and all(c.status in ("accepted", "not better", "better, later step") for c in same)
+    assert on.score >= on.initial_score
 
 
 def test_exploding_steps_stop_with_a_clear_error(tiny):
