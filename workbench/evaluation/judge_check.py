@@ -190,6 +190,18 @@ class JudgeCheck:
         return paths
 
 
+def _tasks(tasks: Sequence[Task | str] | Task | str | None, what: str) -> list[Task]:
+    """One task, a list, or ``None`` (all tasks), as Task objects; an empty selection is refused."""
+    if tasks is None:
+        tasks = list_tasks()
+    elif isinstance(tasks, Task | str):
+        tasks = [tasks]
+    out = [get_task(t) for t in tasks]
+    if not out:
+        raise InputError(f"no tasks {what}")
+    return out
+
+
 def judge_check(
     model: HookedChatModel,
     tasks: Sequence[Task | str] | Task | str | None = None,
@@ -198,13 +210,7 @@ def judge_check(
     progress: bool = True,
 ) -> JudgeCheck:
     """How well the clean model's suffix score separates each task's contrast pairs (all tasks by default)."""
-    if tasks is None:
-        tasks = list_tasks()
-    elif isinstance(tasks, Task | str):
-        tasks = [tasks]
-    tasks = [get_task(t) for t in tasks]
-    if not tasks:
-        raise InputError("no tasks to check")
+    tasks = _tasks(tasks, "to check")
     rows = [check_task(model, t, paraphrases=paraphrases)
             for t in tqdm(tasks, desc="judge check", disable=not progress, leave=False)]
     return JudgeCheck(model.model_id, rows, paraphrases)
@@ -391,13 +397,7 @@ def select_wordings(
     progress: bool = True,
 ) -> WordingSelections:
     """:func:`select_wording` for each task (all tasks by default)."""
-    if tasks is None:
-        tasks = list_tasks()
-    elif isinstance(tasks, Task | str):
-        tasks = [tasks]
-    tasks = [get_task(t) for t in tasks]
-    if not tasks:
-        raise InputError("no tasks to select wordings for")
+    tasks = _tasks(tasks, "to select wordings for")
     rows = [select_wording(model, t, seed=seed, save=save, root=root)
             for t in tqdm(tasks, desc="wording selection", disable=not progress, leave=False)]
     return WordingSelections(model.model_id, rows)
