@@ -8,9 +8,11 @@ import pytest
 if importlib.util.find_spec("ray") is None:  # the optional extra is missing: only the tests without Ray run
     collect_ignore = ["test_pool.py", "test_jobs.py"]
 
-@pytest.fixture(scope="session")
+
+@pytest.fixture(scope="package")
 def ray_cluster():
-    """A local two-CPU cluster for the session; workers inherit this tree on their import path."""
+    """A local two-CPU cluster for this package's tests (shut down after them, so its processes do not take CPU
+    from the rest of the suite); workers inherit this tree on their import path."""
     ray = pytest.importorskip("ray", reason="Ray is the optional extra workbench[distributed]")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
