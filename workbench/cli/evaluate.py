@@ -116,26 +116,21 @@ def _judge_check_args(parser: argparse.ArgumentParser) -> None:
 @command("judge-check", "how well the model's suffix score separates each task's contrast pairs (ROC AUC)", _judge_check_args)
 def judge_check_command(args: argparse.Namespace) -> int:
     from ..evaluation.judge_check import judge_check, select_wordings
+    from ..selfcontrol.tasks import get_task
 
+    tasks = _tasks(args.task)
+    for t in tasks:  # bad task ids fail before the model loads
+        get_task(t)
     if args.select:
-        tasks = _tasks(args.task)
-        from ..selfcontrol.tasks import get_task
-
-        for t in tasks:  # bad task ids fail before the model loads
-            get_task(t)
-        selection = select_wordings(load(args), tasks, progress=not args.json)
-        paths = selection.save(args.out)
-        if args.json:
-            print(json.dumps(selection.to_dict()))
-        else:
-            print(selection.table())
-            print(f"written to {paths['markdown'].parent}; choices saved for --question auto")
-        return 0
-    result = judge_check(load(args), _tasks(args.task), paraphrases=args.paraphrases, progress=not args.json)
+        result = select_wordings(load(args), tasks, progress=not args.json)
+        saved = "; choices saved for --question auto"
+    else:
+        result = judge_check(load(args), tasks, paraphrases=args.paraphrases, progress=not args.json)
+        saved = ""
     paths = result.save(args.out)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(result.table())
-        print(f"written to {paths['markdown'].parent}")
+        print(f"written to {paths['markdown'].parent}{saved}")
     return 0
