@@ -73,9 +73,9 @@ def measure(model: wb.HookedChatModel, prompts: Sequence[str], config: SelfContr
     return {
         "prompts": n,
         "batch_size": batch,
-        "plain_generation_seconds": round(plain, 3),
-        "sequential_seconds": round(seq_seconds, 2),
-        "batched_seconds": round(batch_seconds, 2),
+        "plain_generation_seconds": round(plain, 5),
+        "sequential_seconds": round(seq_seconds, 4),
+        "batched_seconds": round(batch_seconds, 4),
         "sequential_prompts_per_min": round(60 * n / seq_seconds, 3),
         "batched_prompts_per_min": round(60 * n / batch_seconds, 3),
         "ratio": round(seq_seconds / batch_seconds, 3),
