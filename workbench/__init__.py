@@ -1,5 +1,7 @@
 """SelfControl workbench: steer and study LLM behaviour with suffix gradients."""
 
+import lazy_loader
+
 from .errors import (
     CorruptArtifactError,
     IncompatibleArtifactError,
@@ -24,33 +26,21 @@ from .selfcontrol.suffix import SuffixGradients, score_responses, suffix_gradien
 from .selfcontrol.tasks import ContrastPair, Task, get_task, list_tasks
 
 # Analyses, prefix controllers, preference learning and evaluation import matplotlib / scikit-learn;
-# they load on first use so that `import workbench` stays light.
-_LAZY = {
-    "analyze_norms": "analysis.norms",
-    "norm_heatmap": "analysis.norms",
-    "gradient_directions": "analysis.directions",
-    "trajectory_pca": "analysis.directions",
-    "ReadingVector": "analysis.repe",
-    "gradient_cosines": "analysis.repe",
-    "layer_window_ablation": "analysis.ablation",
-    "suffix_ablation": "analysis.ablation",
-    "synthesize": "prefix.synthesis",
-    "PrefixController": "prefix.controller",
-    "train_prefix": "prefix.training",
-    "export_peft": "prefix.export",
-    "preference_data": "preference.data",
-    "train_dpo": "preference.dpo",
-    "evaluate": "evaluation.runner",
-    "check_task": "evaluation.judge_check",
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'workbench' has no attribute {name!r}")
+# they load on first use (lazy_loader) so that `import workbench` stays light.
+__getattr__, _, _lazy_names = lazy_loader.attach(__name__, submod_attrs={
+    "analysis.norms": ["analyze_norms", "norm_heatmap"],
+    "analysis.directions": ["gradient_directions", "trajectory_pca"],
+    "analysis.repe": ["ReadingVector", "gradient_cosines"],
+    "analysis.ablation": ["layer_window_ablation", "suffix_ablation"],
+    "prefix.synthesis": ["synthesize"],
+    "prefix.controller": ["PrefixController"],
+    "prefix.training": ["train_prefix"],
+    "prefix.export": ["export_peft"],
+    "preference.data": ["preference_data"],
+    "preference.dpo": ["train_dpo"],
+    "evaluation.runner": ["evaluate"],
+    "evaluation.judge_check": ["check_task"],
+})
 
 
 __all__ = [
@@ -81,5 +71,10 @@ __all__ = [
     "suffix_gradients",
     "suffix_score",
     "workbench_home",
-    *_LAZY,
+    *_lazy_names,
 ]
+
+
+def __dir__() -> list[str]:
+    """Tab completion in notebooks lists the lazily loaded names too."""
+    return list(__all__)

@@ -18,22 +18,9 @@ preference, evaluation) and the shared ground.
 
 from __future__ import annotations
 
-_LAZY = {
-    "WorkerPool": "pool",
-    "RunStats": "pool",
-    "connect": "pool",
-    "RaySettings": "jobs",
-    "synthesize_on_ray": "jobs",
-    "evaluate_on_ray": "jobs",
-}
+import lazy_loader
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'workbench.distributed' has no attribute {name!r}")
-
-
-__all__ = sorted(_LAZY)
+__getattr__, __dir__, __all__ = lazy_loader.attach(__name__, submod_attrs={
+    "pool": ["WorkerPool", "RunStats", "connect"],
+    "jobs": ["RaySettings", "synthesize_on_ray", "evaluate_on_ray"],
+})
