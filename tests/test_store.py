@@ -120,6 +120,8 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+from sigkill import killed  # noqa: E402
+
 from workbench.store import (  # noqa: E402
     append_jsonl,
     atomic_write,
@@ -130,15 +132,12 @@ from workbench.store import (  # noqa: E402
     read_jsonl,
 )
 
-
-def _killed(code: str, *args: str) -> subprocess.CompletedProcess:
-    """Run ``code`` in a child that SIGKILLs itself at a point the code chooses; assert it died that way."""
-    proc = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-    return proc
-
-
 DIE = "import os, signal\ndef die(*a, **k):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+
+
+def _killed(code: str, *args: object) -> subprocess.CompletedProcess:
+    """``code`` SIGKILLs itself through ``die`` where it chooses."""
+    return killed(DIE + code, *args)
 
 
 def test_atomic_write_replaces_whole_files(tmp_path):
@@ -155,8 +154,8 @@ def test_atomic_write_replaces_whole_files(tmp_path):
 def test_atomic_write_killed_before_the_rename_keeps_the_old_file(tmp_path):
     path = tmp_path / "a.json"
     atomic_write_json(path, {"version": "old"})
-    _killed(DIE + "from workbench.store import atomic_write_json\nimport sys\nos.replace = die\n"
-            "atomic_write_json(sys.argv[1], {'version': 'new' * 1000})", path)
+    killed("from workbench.store import atomic_write_json\nimport sys\n"
+           "atomic_write_json(sys.argv[1], {'version': 'new' * 1000})", path, at="os.replace", after=False)
     assert json.loads(path.read_text()) == {"version": "old"}
     atomic_write_json(path, {"version": "new"})
     assert json.loads(path.read_text()) == {"version": "new"}
@@ -192,7 +191,7 @@ def test_read_jsonl_refuses_a_corrupt_line_before_the_last(tmp_path):
 
 def test_append_jsonl_killed_mid_line_loses_only_that_line(tmp_path, caplog):
     path = tmp_path / "log.jsonl"
-    code = (DIE + "import sys\nfrom workbench.store import append_jsonl\n"
+    code = ("import sys\nfrom workbench.store import append_jsonl\n"
             "append_jsonl(sys.argv[1], {'i': 0}); append_jsonl(sys.argv[1], {'i': 1})\n"
             "write = os.write\n"
             "def half(fd, data):\n    write(fd, bytes(data)[: len(data) // 2]); die()\n"
@@ -209,16 +208,12 @@ def test_append_jsonl_killed_mid_line_loses_only_that_line(tmp_path, caplog):
 
 def test_append_jsonl_killed_before_fsync_returns_keeps_whole_lines(tmp_path):
     path = tmp_path / "log.jsonl"
-    _killed(DIE + "import sys\nfrom workbench.store import append_jsonl\nappend_jsonl(sys.argv[1], {'i': 0})\n"
+    _killed("import sys\nfrom workbench.store import append_jsonl\nappend_jsonl(sys.argv[1], {'i': 0})\n"
             "os.fsync = die\nappend_jsonl(sys.argv[1], {'i': 1})\n", path)
     assert read_jsonl(path) == [{"i": 0}, {"i": 1}]  # written before the kill: whole (the page cache survives the process)
 
 
-SAVE = (DIE + "import sys, torch\nfrom workbench.store import save_artifact\n"
-        "calls = []\nreplace = os.replace\n"
-        "def replace_then_die(*a, **k):\n    calls.append(1)\n    if len(calls) == int(sys.argv[2]):\n        die()\n"
-        "    replace(*a, **k)\n"
-        "os.replace = replace_then_die\n"
+SAVE = ("import sys, torch\nfrom workbench.store import save_artifact\n"
         "save_artifact(sys.argv[1], 'thing', {'x': torch.ones(3)}, {'model_id': 'm', 'size': 'new'})\n")
 
 
@@ -226,7 +221,7 @@ SAVE = (DIE + "import sys, torch\nfrom workbench.store import save_artifact\n"
 def test_save_artifact_killed_between_its_files_never_loads_a_mix(tmp_path, at):
     folder = tmp_path / "thing"
     save_artifact(folder, "thing", {"x": torch.zeros(3)}, {"model_id": "m", "size": "old"})
-    _killed(SAVE, folder, at)
+    killed(SAVE, folder, at="os.replace", call=at, after=False)  # the at-th rename does not happen
     if at == 1:  # killed before the tensors were renamed: the old object is intact
         tensors, config = load_artifact(folder, "thing")
         assert torch.equal(tensors["x"], torch.zeros(3)) and config["size"] == "old"
@@ -270,7 +265,7 @@ def test_folder_lock_refuses_a_live_second_writer(tmp_path):
 
 
 def test_folder_lock_takes_over_a_stale_lock_with_a_warning(tmp_path, caplog):
-    proc = _killed(DIE + HOLD.format("die()"), tmp_path)
+    proc = killed(HOLD.format("time.sleep(120)"), tmp_path, at="time.sleep")
     assert proc.stdout.strip() == "locked" and (tmp_path / ".lock").is_file()
     dead = json.loads((tmp_path / ".lock").read_text())["pid"]
     with caplog.at_level(logging.WARNING, logger="workbench"), folder_lock(tmp_path) as lock:

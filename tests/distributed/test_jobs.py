@@ -3,7 +3,6 @@ whichever worker or driver dies."""
 
 import os
 import signal
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 import ray.cloudpickle
 import torch
+from sigkill import killed
 
 import workbench as wb
 from workbench.distributed import jobs
@@ -88,32 +88,15 @@ def test_a_worker_killed_mid_run_the_run_completes_with_the_single_process_recor
     assert_same_data(out, reference)
 
 
-DRIVER = """
-import os, signal, sys
-from workbench.cli import main
-from workbench.prefix import synthesis
-
-write = synthesis._write_record
-count = 0
-
-def dying_write(*args, **kwargs):  # dies after the 3rd record folder is in place, before its index line
-    global count
-    write(*args, **kwargs)
-    count += 1
-    if count == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-synthesis._write_record = dying_write
-sys.exit(main(sys.argv[1:]))
-"""
+DRIVER = "import sys\nfrom workbench.cli import main\nsys.exit(main(sys.argv[1:]))"
 
 
 def test_the_driver_killed_mid_run_resumes_on_rerun(ray_cluster, reference, tmp_path):
     out = tmp_path / "ray"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
-    killed = subprocess.run([sys.executable, "-c", DRIVER, *CLI, "--out", str(out), "--ray", "--ray-workers", "2"],
-                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # dies after the 3rd record folder is in place, before its index line
+    killed(DRIVER, *CLI, "--out", out, "--ray", "--ray-workers", "2", env=env, cwd=tmp_path,
+           at="workbench.prefix.synthesis._write_record", call=3)
     before = entries(out)
     assert len(before) == 2 and len(list((out / "records").iterdir())) == 3  # the 3rd folder has no index line
     from workbench.cli import main

@@ -1,6 +1,5 @@
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -8,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from sigkill import killed
 
 import workbench as wb
 from workbench.model import loading
@@ -124,9 +124,7 @@ def test_interrupted_conversion_leaves_no_cache_and_a_rerun_rebuilds(tmp_path):
     """
     env = {**os.environ, "WORKBENCH_HOME": str(tmp_path)}
     code = "from workbench.model.loading import ensure_embedded_cache; ensure_embedded_cache(progress=False)"
-    crash = ("import os, signal; os.replace = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL); " + code)
-    proc = subprocess.run([sys.executable, "-c", crash], env=env, timeout=600)
-    assert proc.returncode == -signal.SIGKILL
+    killed(code, env=env, at="os.replace", after=False)
     target = tmp_path / "models" / wb.EMBEDDED_ID
     assert not loading._cache_is_valid(target)
     # a corrupt cache left in place (e.g. a disk error) is also rebuilt

@@ -3,12 +3,9 @@ every dropped prompt counted by its reason, and resumable like every long run.""
 
 import dataclasses
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
+from sigkill import killed
 
 from workbench.errors import InputError, ResumeMismatchError
 from workbench.preference import data as pdata
@@ -151,21 +148,12 @@ def test_bad_requests_are_refused_before_any_work(tiny, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-SCRIPT = """
-import os, sys
-os.environ["HF_HUB_OFFLINE"] = "1"
-import torch
-torch.set_num_threads(1)
+# the second prompt's line is on disk, its pairs and the manifest not yet: SIGKILL then
+KILLED_RUN = """
+import sys
 import workbench as wb
 from workbench.preference import data
 from workbench.selfcontrol.search import SelfControlConfig
-append, calls = data.append_jsonl, []
-def append_then_die(*args, **kwargs):  # the second prompt's line is on disk, pairs and manifest not yet: SIGKILL now
-    append(*args, **kwargs)
-    calls.append(1)
-    if len(calls) == 2:
-        os.kill(os.getpid(), 9)
-data.append_jsonl = append_then_die
 model = wb.load_model("tiny-random", progress=False)
 data.preference_data(model, "angry2peaceful", "train", sys.argv[1], limit=int(sys.argv[2]), progress=False, batch_size=1,
                      config=SelfControlConfig(iterations=2, n_steps=3, initial_step=-0.1,
@@ -175,9 +163,7 @@ data.preference_data(model, "angry2peaceful", "train", sys.argv[1], limit=int(sy
 
 def test_a_killed_run_resumes_where_it_stopped(made, tiny, tmp_path):
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), "4"], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed(KILLED_RUN, out, 4, at="workbench.preference.data.append_jsonl", call=2)
     log = _log(out)
     assert [r["index"] for r in log] == [0, 1]
     assert json.loads((out / MANIFEST).read_text())["n_prompts"] == 1  # written after the first prompt only

@@ -1,13 +1,10 @@
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from sigkill import killed
 
 import workbench as wb
 from workbench.errors import (
@@ -102,22 +99,12 @@ def test_torn_last_index_line_is_ignored_and_cut(tiny, tmp_path):
     assert len(lines) == 3 and all(json.loads(line) for line in lines)
 
 
-SCRIPT = """
-import os, sys
-os.environ["HF_HUB_OFFLINE"] = "1"
-import torch
-torch.set_num_threads(1)
+# the third record is on disk, its index line is not: SIGKILL then
+KILLED_RUN = """
+import sys
 import workbench as wb
 from workbench.selfcontrol.search import SelfControlConfig
 from workbench.prefix.synthesis import synthesize
-from workbench.prefix import synthesis
-write, calls = synthesis._write_record, []
-def write_then_die(*args, **kwargs):  # the third record is on disk, its index line is not: SIGKILL now
-    write(*args, **kwargs)
-    calls.append(1)
-    if len(calls) == 3:
-        os.kill(os.getpid(), 9)
-synthesis._write_record = write_then_die
 model = wb.load_model("tiny-random", progress=False)
 synthesize(model, "angry2peaceful", "train", sys.argv[1], limit=int(sys.argv[2]),
            config=SelfControlConfig(iterations=1, n_steps=2, max_new_tokens=3), progress=False)
@@ -138,9 +125,7 @@ def _all_files_load(folder: Path) -> int:
 def test_synthesis_survives_sigkill(tiny, tmp_path):
     out = tmp_path / "killed"
     limit = 5
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(limit)], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}, timeout=600)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    killed(KILLED_RUN, out, limit, at="workbench.prefix.synthesis._write_record", call=3)
     done_before = read_index(out)
     assert len(done_before) == 2  # the prompt in flight (its record written, its index line not) is lost
     assert _all_files_load(out) >= len(done_before)
