@@ -67,5 +67,5 @@ dpo-study: $(STAMP)
 
 # README step-geometry study and judge-wording selection (about 2 hours on a shared 2-core machine; searches are cached).
 step-geometry: $(STAMP)
-	$(PY) -m analyses.step_geometry --n-prompts 2 --sink-ratio 10 --docs-figure docs/figures/step_geometry.png
+	$(PY) -m analyses.step_geometry --docs-figure docs/figures/step_geometry.png
 	$(PY) -m workbench judge-check --select --task emotion --out results/wording_selection

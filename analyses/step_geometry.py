@@ -8,8 +8,11 @@ For each emotion task whose judge check is usable (its AUC interval lies above
 (:mod:`workbench.selfcontrol.steps`), runs SelfControl (controls from the
 control cache, so a rerun resumes) and records: suffix-score gain, fluency
 (mean NLL and perplexity of the controlled answer, distinct-2, degenerate
-answers), accepted iterations, search seconds, and the share of the found
-control's energy on massive-activation (sink) positions. Writes
+answers), accepted iterations, search seconds, the share of the found
+control's energy on massive-activation (sink) positions, and what the fluency
+guard held back: candidates it refused although they scored above the best
+answer so far, and the gain the best-scoring candidate of the whole search
+would have given without the guard (an upper bound on what the guard costs). Writes
 ``step_geometry.csv`` (one row per run), ``step_geometry.json`` (per-geometry
 means with paired differences against ``position``), ``step_geometry.md``
 (the README table) and ``step_geometry.png`` (gain and sink share per
@@ -65,6 +68,29 @@ def run_searches(model, jobs: list[tuple[str, str, SelfControlConfig]], batch_si
     return out  # type: ignore[return-value]
 
 
+GUARDED = ("disfluent", "degenerate")
+
+
+def guard_effect(record: control_cache.CachedResult) -> tuple[int, int, float]:
+    """(candidates the fluency guard refused, of those how many beat the best score so far, gain without the guard).
+
+    The last is the best score of any candidate of the search minus the initial score: an upper bound, since a
+    refused candidate's own later iterations were never run.
+    """
+    refused = better = 0
+    best_seen = record.score
+    before = record.initial_score
+    for scores_after, candidates in zip(record.iteration_scores, record.candidates, strict=True):
+        for c in candidates:
+            if c["status"].split(":")[0] in GUARDED:
+                refused += 1
+                if c["score"] > before:
+                    better += 1
+                    best_seen = max(best_seen, c["score"])
+        before = scores_after
+    return refused, better, best_seen - record.initial_score
+
+
 def _ci(values: Sequence[float]) -> list[float]:
     """95% bootstrap interval of the mean; none (NaN) below two values."""
     return list(bootstrap_ci(list(values))[1:]) if len(values) >= 2 else [float("nan"), float("nan")]
@@ -90,6 +116,10 @@ def summarise(rows: list[dict[str, Any]], geometries: Sequence[str]) -> dict[str
             # over the runs that found a control (a run that accepted nothing has no energy to share)
             "sink_share": float(np.mean([r["sink_share"] for r in mine if r["accepted"]] or [float("nan")])),
             "improved": int(sum(r["gain"] > 0 for r in mine)),
+            "guard_refused": int(sum(r["guard_refused"] for r in mine)),
+            "guard_refused_better": int(sum(r["guard_refused_better"] for r in mine)),
+            "candidates": int(sum(r["candidates"] for r in mine)),
+            "gain_unguarded": float(np.mean([r["gain_unguarded"] for r in mine])),
         }
         paired = [r["gain"] - base[(r["task"], r["prompt"])]["gain"] for r in mine if (r["task"], r["prompt"]) in base]
         if g != "position" and paired:
@@ -107,14 +137,16 @@ def table(summary: dict[str, dict[str, Any]]) -> str:
         return "" if any(v != v for v in (low, high)) else f" [{low:+.4f}, {high:+.4f}]"
 
     lines = ["| geometry | runs | gain [95% CI] | Δ gain vs position [95% CI] (wins/losses) | prompts improved | "
-             "mean NLL | perplexity | distinct-2 | degenerate | accepted iterations | s / prompt | energy on sink (runs with a control) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "mean NLL | perplexity | distinct-2 | degenerate | accepted iterations | s / prompt | energy on sink (runs with a control) | "
+             "candidates refused by the guard (of them scoring higher) | gain without the guard (upper bound) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for g, s in summary.items():
         delta = (f"{s['delta_vs_position']:+.4f}{ci(s['delta_ci'])} ({s['wins']}/{s['losses']})"
                  if "delta_vs_position" in s else "")
         lines.append(f"| {g} | {s['n']} | {s['gain']:+.4f}{ci(s['gain_ci'])} | {delta} | {s['improved']} | {s['nll']:.3f} | "
                      f"{s['perplexity']:.2f} | {s['distinct2']:.2f} | {s['degenerate']} | {s['accepted']:.2f} | "
-                     f"{s['seconds']:.1f} | {s['sink_share']:.1%} |")
+                     f"{s['seconds']:.1f} | {s['sink_share']:.1%} | {s['guard_refused']} of {s['candidates']} "
+                     f"({s['guard_refused_better']}) | {s['gain_unguarded']:+.4f} |")
     return "\n".join(lines)
 
 
@@ -179,6 +211,8 @@ def main(argv: list[str] | None = None) -> None:
             "sink_share": sink_energy_share(record.control.deltas, sinks),
             "sink_positions": int(sinks.any(0).sum()), "from_cache": record.from_cache,
             "response": record.response,
+            "candidates": sum(c["status"] != "not evaluated" for it in record.candidates for c in it),
+            **dict(zip(("guard_refused", "guard_refused_better", "gain_unguarded"), guard_effect(record), strict=True)),
         })
     summary = summarise(rows, geometries)
     write_rows(rows, out / "step_geometry.csv")

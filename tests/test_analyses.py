@@ -159,3 +159,20 @@ def test_step_geometry_study_compares_every_geometry(home, tmp_path):
     with (out / "step_geometry.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert [float(r["gain"]) for r in csv_rows] == pytest.approx([r["gain"] for r in rows])
+
+
+def test_guard_effect_counts_refused_candidates_that_beat_the_best_so_far():
+    """Planted search: iteration 0 refuses a higher-scoring disfluent candidate, iteration 1 a lower degenerate one."""
+    from types import SimpleNamespace
+
+    def cand(score, status):
+        return {"step": -0.01, "score": score, "nll": 1.0, "status": status, "response": ""}
+
+    record = SimpleNamespace(initial_score=0.40, score=0.42, iteration_scores=[0.42, 0.42], candidates=[
+        [cand(0.39, "not better"), cand(0.42, "accepted"), cand(0.47, "disfluent: NLL 3 > 1 + 0.5")],
+        [cand(0.41, "degenerate: repeats"), cand(0.43, "disfluent: NLL 2 > 1 + 0.5"), cand(0.0, "not evaluated")],
+    ])
+    # refused: 0.47 (> 0.40 before iteration 0), 0.41 (< 0.42 before iteration 1), 0.43 (> 0.42)
+    assert step_geometry.guard_effect(record) == (3, 2, pytest.approx(0.07))
+    record.candidates[0][2]["status"] = "better, later step"  # not a guard refusal: the best refused one is now 0.43
+    assert step_geometry.guard_effect(record) == (2, 1, pytest.approx(0.03))
