@@ -35,6 +35,7 @@ from analyses.common import base_parser, out_dir
 from workbench import plotting
 from workbench.cli.control import add_search_options, search_config
 from workbench.errors import WorkbenchError
+from workbench.evaluation.report import SIGNIFICANCE_RULE, format_delta
 from workbench.evaluation.runner import evaluate
 from workbench.preference.data import preference_data
 from workbench.preference.dpo import REPORT_FILE, read_report, train_dpo
@@ -127,20 +128,14 @@ def table(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def delta(e: dict[str, Any], metric: str, digits: int) -> str:
-        if f"{metric}_delta_vs_none" not in e:
-            return ""
-        low, high = e[f"{metric}_delta_ci95"]
-        return f"{e[f'{metric}_delta_vs_none']:+.{digits}f}{'*' if low > 0 or high < 0 else ''}"
-
     for task, entry in result["tasks"].items():
         for method, e in entry["summary"].items():
             pairs = entry["pairs"].get(method.removeprefix("dpo_"), {}).get("n_kept", "") if method.startswith("dpo_") else ""
             low, high = e["suffix_score_ci95"]
             lines.append(
                 f"| {task} | {LABELS.get(method, method)} | {pairs} | {e['suffix_score_mean']:.4f} [{low:.4f}, {high:.4f}] | "
-                f"{delta(e, 'suffix_score', 4)} | {delta(e, 'lexicon_target_rate', 3)} | "
-                f"{delta(e, 'lexicon_opposite_rate', 3)} | {delta(e, 'vader_compound', 2)} | "
+                f"{format_delta(e, 'suffix_score', 4)} | {format_delta(e, 'lexicon_target_rate', 3)} | "
+                f"{format_delta(e, 'lexicon_opposite_rate', 3)} | {format_delta(e, 'vader_compound', 2)} | "
                 f"{e.get('perplexity_mean', float('nan')):.2f} | {e['seconds_mean']:.2f} |")
     return "\n".join(lines)
 
@@ -185,7 +180,7 @@ def markdown(result: dict[str, Any]) -> str:
              f"Pairs from the first {s['limit']} `train` prompts per task (min gain {s['min_gain']}); DPO "
              f"{'LoRA r=' + str(s['lora']) if s['lora'] else 'full fine-tuning'}, {s['epochs']:g} epochs, lr {s['lr']:g}, "
              f"beta {s['beta']:g}; evaluated on {result['n_test']} `test` prompts per task, greedy, "
-             f"{s['max_new_tokens']} new tokens. Δ: paired change vs the base (* = 95% interval excludes 0).", "",
+             f"{s['max_new_tokens']} new tokens. The base is method `none`. {SIGNIFICANCE_RULE}.", "",
              table(result), ""]
     for task, entry in result["tasks"].items():
         for source, p in entry["pairs"].items():

@@ -28,6 +28,11 @@ def test_dpo_study_writes_table_figure_and_resumes(tmp_path):
         assert e["n"] == 2 and (method == "none" or "suffix_score_delta_vs_none" in e)
     table = (out / "dpo_study.md").read_text()
     assert "| angry2peaceful | DPO on SelfControl pairs |" in table and "prefix controller" in table
+    # one significance rule for every table: with 2 test prompts (below its minimum n) nothing is marked
+    from workbench.evaluation.report import SIGNIFICANCE_RULE
+
+    rows = [line for line in table.splitlines() if line.startswith("| angry2peaceful")]
+    assert SIGNIFICANCE_RULE in table and len(rows) >= 5 and not any("*" in line for line in rows)
     # the evaluation judged the DPO model's own answers with the base model
     records = [json.loads(line) for line in (out / "evaluation" / "angry2peaceful" / "results.jsonl").read_text().splitlines()]
     dpo = [r for r in records if r["method"].endswith("models/selfcontrol")]

@@ -121,7 +121,8 @@ def _fmt(entry: Mapping[str, Any], metric: str, digits: int = 3) -> str:
     return f"{mean} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def _fmt_delta(entry: Mapping[str, Any], metric: str, digits: int = 3) -> str:
+def format_delta(entry: Mapping[str, Any], metric: str, digits: int = 3) -> str:
+    """The paired change vs ``none`` with its mark (:data:`SIGNIFICANCE_RULE`): every table marks changes one way."""
     if f"{metric}_delta_vs_none" not in entry:
         return ""
     star = "*" if entry.get(f"{metric}_delta_significant") else ""
@@ -139,12 +140,12 @@ def markdown_table(summary: Mapping[str, Any]) -> str:
     for task, methods in summary.items():
         for method, e in methods.items():
             name = method + (f" (c={e['coefficient']:g})" if "coefficient" in e else "")
-            row = [task, name, str(e["n"]), _fmt(e, "suffix_score", 4), _fmt_delta(e, "suffix_score", 4)]
+            row = [task, name, str(e["n"]), _fmt(e, "suffix_score", 4), format_delta(e, "suffix_score", 4)]
             if lexicon:
-                row += [_fmt(e, "lexicon_target_rate"), _fmt_delta(e, "lexicon_target_rate"),
+                row += [_fmt(e, "lexicon_target_rate"), format_delta(e, "lexicon_target_rate"),
                         f"{e['lexicon_opposite_rate_mean']:.3f}" if "lexicon_opposite_rate_mean" in e else "",
-                        _fmt_delta(e, "lexicon_opposite_rate")]
-            row += [_fmt(e, "vader_compound", 2), _fmt_delta(e, "vader_compound", 2),
+                        format_delta(e, "lexicon_opposite_rate")]
+            row += [_fmt(e, "vader_compound", 2), format_delta(e, "vader_compound", 2),
                     f"{e['perplexity_mean']:.1f}" if "perplexity_mean" in e else "",
                     f"{e['distinct_2_mean']:.2f}" if "distinct_2_mean" in e else "",
                     f"{e['seconds_mean']:.1f}" if "seconds_mean" in e else "", str(e["n_degenerate"])]
