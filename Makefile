@@ -55,11 +55,11 @@ evaluation: $(STAMP)
 	  --prefix $(CONTROLLERS) --out results/evaluation_full
 	cp results/evaluation_full/summary.png docs/figures/evaluation.png
 
-# README DPO study: preference pairs (SelfControl and instructed prompting) from train prompts of two emotion
-# tasks, DPO on each, evaluated against the base and SelfControl on test prompts (every step resumes). The sizes
-# the README reports (about an hour on 2 heavily shared CPU cores, one process per task); the full study is
-# `$(PY) -m analyses.dpo_study` (40 train prompts, every test prompt, 40 tokens, a prefix controller per task).
-DPO_STUDY := --limit 12 --test-limit 6 --max-new-tokens 32 --prefix-limit 0 --epochs 2 --lr 2e-5 --threads 1 --out results/dpo_study
+# README DPO study: preference pairs (SelfControl and instructed prompting) from the first 40 train prompts of two
+# emotion tasks, DPO on each, evaluated on every test prompt against the base, the instructed prompt, SelfControl
+# and a 20-prompt prefix controller (every step resumes; one process per task, then both for the table and figure;
+# about 45 minutes on a quiet 2-core CPU).
+DPO_STUDY := --out results/dpo_study
 dpo-study: $(STAMP)
 	$(PY) -m analyses.dpo_study --tasks angry2peaceful $(DPO_STUDY)
 	$(PY) -m analyses.dpo_study --tasks surprised2calm $(DPO_STUDY)
