@@ -477,6 +477,12 @@ def save_artifact(folder: str | Path, kind: str, tensors: dict[str, Tensor], con
     return folder
 
 
+def record_key(index: int, prompt: str) -> str:
+    """A resumable run's key for its ``index``-th prompt: position plus a hash of the text, so a rerun with a
+    longer ``limit`` keeps the finished keys and an edited prompt list is not mistaken for the old one."""
+    return f"{index:05d}-{hashlib.sha1(prompt.encode()).hexdigest()[:10]}"
+
+
 def content_hash(folder: str | Path, kind: str) -> str:
     """SHA-256 of a saved object's content (its config and its tensors' values), not of its path.
 

@@ -60,7 +60,7 @@ def test_deterministic_for_a_fixed_seed_including_sampling(tiny):
 
 def test_branches_keep_the_best_scoring_fluent_branch(tiny):
     """Each candidate keeps, of its first-token branches, the best-scoring one that passes the fluency guard."""
-    from workbench.selfcontrol.search import _guard
+    from workbench.selfcontrol.search import fluency_problem
     from workbench.selfcontrol.suffix import score_responses
 
     task, prompt = CASES[0]
@@ -81,7 +81,7 @@ def test_branches_keep_the_best_scoring_fluent_branch(tiny):
     guarded = SelfControlConfig(**{**TINY, "iterations": 1, "branches": 3, "fluency_guard": True})
     for cand in self_control(tiny, prompt, task, guarded).iterations[0].candidates:
         if cand.status in ("accepted", "not better", "better, later step"):
-            assert _guard(cand.response_ids, cand.nll, result.original_nll, guarded) is None
+            assert fluency_problem(cand.response_ids, cand.nll, result.original_nll, guarded) is None
 
 
 def test_fluency_guard_rejects_with_a_reason_and_only_when_on(tiny):

@@ -24,6 +24,7 @@ from ..evaluation.runner import (
     prepare_methods,
     read_prepared,
     respond_and_judge,
+    result_key,
     run_fingerprint,
 )
 from ..prefix.synthesis import (
@@ -109,10 +110,6 @@ def synthesize_on_ray(load: dict[str, Any], task: Task | str, prompts_or_split: 
 
 
 # ---------------------------------------------------------------- evaluation
-def _record_key(record: dict[str, Any]) -> tuple[str, str, str]:
-    return record["task"], record["method"], record["prompt"]
-
-
 @dataclass
 class EvaluationJob(ModelJob):
     """Per chunk: :func:`workbench.evaluation.runner.respond_and_judge`, the single-process path's own work.
@@ -189,7 +186,7 @@ def evaluate_on_ray(load: dict[str, Any], tasks: Sequence[Task | str] | str, met
             evaluation_config(state["model"], task_objs, state["methods"], by_task, decoding, out, prompts=prompts,
                               limit=limit, prompt_style=prompt_style, prefix=prefix)))
         records = open_evaluation(out, fingerprint, config, restart=restart)
-        done = {_record_key(r) for r in records}
+        done = {result_key(r) for r in records}
         prepared = read_prepared(out)
         items = []
         for task in task_objs:
@@ -214,4 +211,4 @@ def evaluate_on_ray(load: dict[str, Any], tasks: Sequence[Task | str] | str, met
                              desc=f"evaluate on {len(pool.workers)} Ray workers")
     summary = write_summary(out)
     wanted = {(t.id, m.name, p) for t in task_objs for m in method_objs for p in by_task[t.id]}
-    return Evaluation(out, [r for r in records if _record_key(r) in wanted], summary)
+    return Evaluation(out, [r for r in records if result_key(r) in wanted], summary)

@@ -118,7 +118,8 @@ def resolve_prompts(tasks: Sequence[Task], prompts: str | Path | Sequence[str] |
 
 
 # ---------------------------------------------------------------- results file
-def _key(record: Mapping[str, Any]) -> tuple[str, str, str]:
+def result_key(record: Mapping[str, Any]) -> tuple[str, str, str]:
+    """What identifies an evaluation record: (task, method, prompt); the local and the Ray runs key alike."""
     return record["task"], record["method"], record["prompt"]
 
 
@@ -265,7 +266,7 @@ def evaluate(
         records = _run(model, tasks, method_objs, by_task, decoding, out, records, progress)
         summary = write_summary(out)
     wanted = {(t.id, m.name, p) for t in tasks for m in method_objs for p in by_task[t.id]}
-    return Evaluation(out, [r for r in records if _key(r) in wanted], summary)
+    return Evaluation(out, [r for r in records if result_key(r) in wanted], summary)
 
 
 # ---- the pieces of a run: inputs, open the folder, prepare, respond and judge, commit ------
@@ -376,7 +377,7 @@ def _run(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Me
     Prompts go in chunks of :func:`chunk_size`; each record is committed as
     soon as its method's call returns.
     """
-    done = {_key(r) for r in records}
+    done = {result_key(r) for r in records}
     prepared = read_prepared(out)
     todo = [(t, p, m) for t in tasks for p in by_task[t.id] for m in method_objs if (t.id, m.name, p) not in done]
     bar = tqdm(total=len(todo), desc="evaluate", disable=not progress, unit="response")
@@ -400,7 +401,7 @@ def _run(model: HookedChatModel, tasks: Sequence[Task], method_objs: Sequence[Me
                                             suffixes, done):
                 append_jsonl(out / RESULTS, record)
                 records.append(record)
-                done.add(_key(record))
+                done.add(result_key(record))
                 bar.update(1)
     bar.close()
     return records

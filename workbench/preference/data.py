@@ -25,7 +25,6 @@ Output folder (resumable; nothing is lost on interruption):
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -39,9 +38,9 @@ from ..errors import InputError
 from ..selfcontrol.search import (
     SelfControlConfig,
     SelfControlResult,
-    _guard,
     config_dict,
     default_batch_prompts,
+    fluency_problem,
     self_control_many,
 )
 from ..selfcontrol.suffix import score_responses
@@ -53,6 +52,7 @@ from ..store import (
     folder_lock,
     model_fingerprint,
     read_jsonl,
+    record_key,
 )
 from .pairs import PAIRS_FILE, pair, write_pairs
 
@@ -64,11 +64,6 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 MODES = ("selfcontrol", "prompt")
 KEPT = "kept"
-
-
-def prompt_key(index: int, prompt: str) -> str:
-    """Position plus a hash of the text: a rerun with a longer ``limit`` keeps the finished keys."""
-    return f"{index:05d}-{hashlib.sha1(prompt.encode()).hexdigest()[:10]}"
 
 
 @dataclass
@@ -100,11 +95,12 @@ def controlled_answers(model: HookedChatModel, prompts: Sequence[str], task: Tas
     return self_control_many(model, list(prompts), task, config, batch_size=len(prompts), progress=False)
 
 
-def _answer(model: HookedChatModel, ids: list[int], cfg: SelfControlConfig) -> list[int]:
-    """One answer with the search's decoding (one row, as the search's own uncontrolled answer is made)."""
-    gen = model.generate([ids], max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
+def _answers(model: HookedChatModel, prompts: list[list[int]], cfg: SelfControlConfig) -> list[list[int]]:
+    """The answers to ``prompts`` with the search's decoding, in one left-padded generation (rows do not depend on
+    their batch in float32, as the search's own original answers, made batched, do not)."""
+    gen = model.generate(prompts, max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample,
                          temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    return list(gen.tokens[0])
+    return [list(t) for t in gen.tokens]
 
 
 def _candidates(model: HookedChatModel, prompts: Sequence[str], task: Task, cfg: SelfControlConfig, mode: str,
@@ -116,19 +112,17 @@ def _candidates(model: HookedChatModel, prompts: Sequence[str], task: Task, cfg:
                  "iterations_accepted": r.iterations_accepted, "iterations_run": len(r.iterations)}
                 for r in controlled_answers(model, prompts, task, cfg)]
     suffixes = task.compile(model, task.questions(cfg.paraphrases))
-    out = []
-    for prompt in prompts:
-        plain_ids = model.chat_ids(prompt)
-        user, system = task.instructed(prompt, style)
-        rejected = _answer(model, plain_ids, cfg)
-        instructed_ids = model.chat_ids(user, system=system)
-        chosen = _answer(model, instructed_ids, cfg)
-        scored = score_responses(model, [plain_ids], [chosen, rejected], suffixes, temperature=cfg.score_temperature)
-        own = score_responses(model, [instructed_ids], [chosen], suffixes, temperature=cfg.score_temperature)
-        out.append({"chosen_ids": chosen, "rejected_ids": rejected, "chosen_score": float(scored.scores[0]),
-                    "rejected_score": float(scored.scores[1]), "chosen_nll": float(scored.nll[0]),
-                    "rejected_nll": float(scored.nll[1]), "chosen_nll_own_prompt": float(own.nll[0])})
-    return out
+    plain = [model.chat_ids(p) for p in prompts]
+    instructed = [model.chat_ids(user, system=system) for user, system in (task.instructed(p, style) for p in prompts)]
+    rejected, chosen = _answers(model, plain, cfg), _answers(model, instructed, cfg)
+    n = len(prompts)
+    # both answers under the plain prompt (scores, NLLs); the instructed one also under its own prompt (fluency)
+    scored = score_responses(model, plain + plain + instructed, chosen + rejected + chosen, suffixes,
+                             temperature=cfg.score_temperature)
+    return [{"chosen_ids": chosen[i], "rejected_ids": rejected[i], "chosen_score": float(scored.scores[i]),
+             "rejected_score": float(scored.scores[n + i]), "chosen_nll": float(scored.nll[i]),
+             "rejected_nll": float(scored.nll[n + i]), "chosen_nll_own_prompt": float(scored.nll[2 * n + i])}
+            for i in range(n)]
 
 
 def verdict(chosen: str, rejected: str, chosen_ids: list[int], gain: float, chosen_nll: float, rejected_nll: float,
@@ -136,7 +130,7 @@ def verdict(chosen: str, rejected: str, chosen_ids: list[int], gain: float, chos
     """``"kept"``, or why the pair is dropped (the first reason that applies)."""
     if chosen.strip() == rejected.strip():
         return "same answer"
-    reason = _guard(chosen_ids, chosen_nll, rejected_nll, replace(cfg, fluency_guard=True))
+    reason = fluency_problem(chosen_ids, chosen_nll, rejected_nll, replace(cfg, fluency_guard=True))
     if reason is not None:
         return reason
     if not gain > 0:
@@ -229,9 +223,10 @@ def preference_data(
     start = time.perf_counter()
     with folder_lock(folder):
         check_fingerprint(folder, fingerprint, restart=restart, outputs=(LOG, PAIRS_FILE, MANIFEST))
-        keys = [prompt_key(i, p) for i, p in enumerate(prompts)]
+        keys = [record_key(i, p) for i, p in enumerate(prompts)]
         # this run's prompts only: a rerun with a smaller limit leaves the rest in the log, out of the pairs
-        records = [r for r in read_jsonl(folder / LOG) if r["key"] in set(keys)]
+        wanted = set(keys)
+        records = [r for r in read_jsonl(folder / LOG) if r["key"] in wanted]
         done = {r["key"] for r in records}
         todo = [(i, k, p) for i, (k, p) in enumerate(zip(keys, prompts, strict=True)) if k not in done]
         bar = tqdm(total=len(prompts), initial=len(prompts) - len(todo), desc=f"preference-data [{task.id}, {mode}]",

@@ -21,7 +21,6 @@ with counted reasons, so one synthesis serves several filter settings.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -55,6 +54,7 @@ from ..store import (
     load_artifact,
     model_fingerprint,
     read_jsonl,
+    record_key,
     save_artifact,
 )
 
@@ -90,10 +90,6 @@ def capture_states(
 
 
 # ---- the dataset on disk ------------------------------------------------------------
-def record_key(index: int, prompt: str) -> str:
-    return f"{index:05d}-{hashlib.sha1(prompt.encode()).hexdigest()[:10]}"
-
-
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST
     try:

@@ -292,7 +292,9 @@ def evaluate_controls(
     return evaluate_many(model, [(prompt_ids, controls, seed)], suffixes, cfg)[0]
 
 
-def _guard(tokens: list[int], nll: float, reference_nll: float, cfg: SelfControlConfig) -> str | None:
+def fluency_problem(tokens: list[int], nll: float, reference_nll: float, cfg: SelfControlConfig) -> str | None:
+    """Why the guard refuses an answer (degenerate, or NLL above the reference's + margin), or None: the one
+    fluency rule of the search and of the preference pairs."""
     if not cfg.fluency_guard:
         return None
     reason = is_degenerate(tokens)
@@ -306,9 +308,9 @@ def _guard(tokens: list[int], nll: float, reference_nll: float, cfg: SelfControl
 def _pick(options, reference_nll: float, cfg: SelfControlConfig) -> tuple[tuple, str | None]:
     """The best-scoring branch that passes the guard (else the best branch, with its reason)."""
     for option in options:
-        if _guard(option[0], option[2], reference_nll, cfg) is None:
+        if fluency_problem(option[0], option[2], reference_nll, cfg) is None:
             return option, None
-    return options[0], _guard(options[0][0], options[0][2], reference_nll, cfg)
+    return options[0], fluency_problem(options[0][0], options[0][2], reference_nll, cfg)
 
 
 @dataclass
