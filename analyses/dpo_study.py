@@ -42,6 +42,7 @@ from workbench.preference.dpo import REPORT_FILE, read_report, train_dpo
 from workbench.prefix.synthesis import synthesize
 from workbench.prefix.training import train_prefix
 from workbench.selfcontrol.tasks import get_task
+from workbench.store import atomic_write
 
 SOURCES = {"selfcontrol": "SelfControl pairs", "prompt": "instructed-prompting pairs"}
 LABELS = {"none": "base (no control)", "prompt": "instructed prompt", "selfcontrol": "SelfControl (search)",
@@ -102,7 +103,7 @@ def prefix_controller(model: wb.HookedChatModel, task_id: str, folder: Path, arg
         if controller.exists():
             shutil.rmtree(controller)
         trained.save(controller)
-        (folder / "prefix_data" / f"{task_id}.report.json").write_text(json.dumps(report.to_dict(), indent=1))
+        atomic_write(folder / "prefix_data" / f"{task_id}.report.json", json.dumps(report.to_dict(), indent=1))
     report_path = folder / "prefix_data" / f"{task_id}.report.json"
     return json.loads(report_path.read_text()) if report_path.is_file() else {}
 
@@ -236,8 +237,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["n_test"] = min(e["n_test"] for e in result["tasks"].values())
     result["seconds"] = round(time.perf_counter() - start, 1)
     result["threads"] = torch.get_num_threads()
-    (folder / "dpo_study.json").write_text(json.dumps(result, indent=1, default=str))
-    (folder / "dpo_study.md").write_text(markdown(result))
+    atomic_write(folder / "dpo_study.json", json.dumps(result, indent=1, default=str))
+    atomic_write(folder / "dpo_study.md", markdown(result))
     figure(result, folder / "dpo_study.png")
     if args.docs_figure:
         Path(args.docs_figure).parent.mkdir(parents=True, exist_ok=True)
